@@ -1,0 +1,156 @@
+//! `fleetgate-ingest` configuration: one TOML file, `FLEETGATE_*` overrides, validated
+//! once at start-up.
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+use crate::catalog::{default_signals, SignalSpec};
+use crate::grpc::GrpcConfig;
+use crate::pipeline::Limits;
+use crate::publish::KafkaConfig;
+use crate::tls::TlsConfig;
+
+/// Everything an ingest node needs.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct IngestConfig {
+    /// Names this node in provenance and connection ids; unique per node.
+    pub node_id: String,
+    /// Hint sent with every retry verdict.
+    #[serde(with = "humantime_serde")]
+    pub retry_after: Duration,
+    /// Longest wait for in-flight batches on shutdown.
+    #[serde(with = "humantime_serde")]
+    pub shutdown_grace: Duration,
+    /// `json` (default) or `text`.
+    pub log_format: String,
+    pub grpc: GrpcConfig,
+    pub tls: TlsConfig,
+    pub limits: Limits,
+    pub kafka: KafkaConfig,
+    pub metrics: MetricsConfig,
+    pub catalog: CatalogConfig,
+}
+
+impl Default for IngestConfig {
+    fn default() -> Self {
+        Self {
+            node_id: "ingest-0".into(),
+            retry_after: Duration::from_secs(1),
+            shutdown_grace: Duration::from_secs(15),
+            log_format: "json".into(),
+            grpc: GrpcConfig::default(),
+            tls: TlsConfig::default(),
+            limits: Limits::default(),
+            kafka: KafkaConfig::default(),
+            metrics: MetricsConfig::default(),
+            catalog: CatalogConfig::default(),
+        }
+    }
+}
+
+/// Prometheus and health endpoints.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct MetricsConfig {
+    pub listen: SocketAddr,
+}
+
+impl Default for MetricsConfig {
+    fn default() -> Self {
+        Self {
+            listen: "127.0.0.1:9464".parse().expect("literal address"),
+        }
+    }
+}
+
+/// The signal catalog: names, kinds and physical bounds.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct CatalogConfig {
+    pub signals: Vec<SignalSpec>,
+}
+
+impl Default for CatalogConfig {
+    fn default() -> Self {
+        Self {
+            signals: default_signals(),
+        }
+    }
+}
+
+impl IngestConfig {
+    /// Checks what serde cannot; the message names the offending key.
+    pub fn validate(&self) -> Result<(), String> {
+        let id_ok = !self.node_id.is_empty()
+            && self
+                .node_id
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'));
+        if !id_ok {
+            return Err(format!("node_id {:?}: use [A-Za-z0-9._-]+", self.node_id));
+        }
+        if self.limits.max_frame_bytes == 0 || self.limits.max_frame_bytes > 64 * 1024 * 1024 {
+            return Err("limits.max_frame_bytes must be in 1..=64MiB".into());
+        }
+        if self.limits.supported_schema_versions.is_empty() {
+            return Err("limits.supported_schema_versions must not be empty".into());
+        }
+        if self.kafka.bootstrap_servers.trim().is_empty() {
+            return Err("kafka.bootstrap_servers must not be empty".into());
+        }
+        if self.kafka.delivery_timeout < Duration::from_millis(100) {
+            return Err("kafka.delivery_timeout must be at least 100ms".into());
+        }
+        if !matches!(self.log_format.as_str(), "json" | "text") {
+            return Err(format!(
+                "log_format {:?}: use json or text",
+                self.log_format
+            ));
+        }
+        for s in &self.catalog.signals {
+            if let (Some(min), Some(max)) = (s.min, s.max) {
+                if min > max {
+                    return Err(format!("catalog signal {:?}: min > max", s.name));
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_are_valid_and_render() {
+        let cfg = IngestConfig::default();
+        cfg.validate().unwrap();
+        let text = fleetgate_config::render(&cfg);
+        let back: IngestConfig = toml::from_str(&text).unwrap();
+        assert_eq!(back, cfg);
+    }
+
+    #[test]
+    fn env_overrides_nested_durations() {
+        let cfg: IngestConfig = fleetgate_config::load_with_env(
+            None,
+            vec![(
+                "FLEETGATE_KAFKA__DELIVERY_TIMEOUT".to_string(),
+                "3s".to_string(),
+            )],
+        )
+        .unwrap();
+        assert_eq!(cfg.kafka.delivery_timeout, Duration::from_secs(3));
+    }
+
+    #[test]
+    fn bad_values_are_named() {
+        let mut cfg = IngestConfig::default();
+        cfg.node_id = "a b".into();
+        assert!(cfg.validate().unwrap_err().contains("node_id"));
+    }
+}

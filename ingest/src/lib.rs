@@ -1,0 +1,18 @@
+//! fleetgate ingest: authenticates devices by certificate, validates their telemetry
+//! and publishes it to Kafka with provenance. `pipeline` is the pure core; `grpc` is
+//! a transport adapter; `publish` is the Kafka boundary; `app` wires them.
+
+pub mod app;
+pub mod catalog;
+pub mod clock;
+pub mod config;
+pub mod connection;
+pub mod envelope;
+pub mod events;
+pub mod grpc;
+pub mod identity;
+pub mod pipeline;
+pub mod publish;
+pub mod reject;
+pub mod service;
+pub mod tls;

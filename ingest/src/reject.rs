@@ -1,0 +1,87 @@
+//! The closed set of reasons an event or batch is not accepted. One code per reject,
+//! used identically in the ack, the `telemetry.rejected.v1` record, the metric label
+//! and the log line.
+
+use fleetgate_proto::Verdict;
+
+/// Why ingest did not accept an event or a batch.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum RejectReason {
+    FrameTooLarge,
+    DecodeError,
+    SchemaUnknown,
+    TooManyEvents,
+    FieldOutOfRange,
+    SignalUnknown,
+    IdentityMismatch,
+    /// Kafka's local queue is full; nothing was enqueued for this event.
+    Overloaded,
+    /// Kafka did not acknowledge the record in time; the device should retry.
+    DeliveryFailed,
+}
+
+impl RejectReason {
+    pub const ALL: [RejectReason; 9] = [
+        Self::FrameTooLarge,
+        Self::DecodeError,
+        Self::SchemaUnknown,
+        Self::TooManyEvents,
+        Self::FieldOutOfRange,
+        Self::SignalUnknown,
+        Self::IdentityMismatch,
+        Self::Overloaded,
+        Self::DeliveryFailed,
+    ];
+
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            Self::FrameTooLarge => "frame_too_large",
+            Self::DecodeError => "decode_error",
+            Self::SchemaUnknown => "schema_unknown",
+            Self::TooManyEvents => "too_many_events",
+            Self::FieldOutOfRange => "field_out_of_range",
+            Self::SignalUnknown => "signal_unknown",
+            Self::IdentityMismatch => "identity_mismatch",
+            Self::Overloaded => "overloaded",
+            Self::DeliveryFailed => "delivery_failed",
+        }
+    }
+
+    /// Whether the device should send the same event again later.
+    pub const fn verdict(self) -> Verdict {
+        match self {
+            Self::Overloaded | Self::DeliveryFailed => Verdict::Retry,
+            _ => Verdict::Rejected,
+        }
+    }
+
+    /// Whether an audit record goes to `telemetry.rejected.v1`. Retryable outcomes are
+    /// not rejects of the content, and writing them while Kafka is failing cannot work.
+    pub const fn audited(self) -> bool {
+        matches!(self.verdict(), Verdict::Rejected)
+    }
+}
+
+impl std::fmt::Display for RejectReason {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn codes_are_unique_snake_case() {
+        let mut seen = std::collections::HashSet::new();
+        for r in RejectReason::ALL {
+            let s = r.as_str();
+            assert!(
+                s.bytes().all(|b| b.is_ascii_lowercase() || b == b'_'),
+                "{s}"
+            );
+            assert!(seen.insert(s), "duplicate code {s}");
+        }
+    }
+}

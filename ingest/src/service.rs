@@ -1,0 +1,277 @@
+//! The one place that turns a frame into Kafka records and a `BatchAck`, shared by the
+//! gRPC and QUIC adapters. Ordering: records are enqueued synchronously in batch order
+//! (key = device id), and after the first enqueue failure every later event of the
+//! batch is answered `overloaded` rather than enqueued, so a retry cannot overtake it.
+//! The returned future resolves only after Kafka answered for every enqueued record.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use fleetgate_proto::{BatchAck, EventAck, Verdict};
+use futures::future::{join_all, BoxFuture};
+use futures::FutureExt;
+
+use crate::connection::{ConnectionContext, SessionState};
+use crate::envelope::{batch_provenance, event_record, reject_record};
+use crate::events;
+use crate::pipeline::{Checked, Pipeline, Refusal};
+use crate::publish::{Delivery, EnqueueError, RecordSink};
+use crate::reject::RejectReason;
+
+/// Runs the pipeline for each frame and publishes the outcome.
+pub struct BatchHandler {
+    pipeline: Pipeline,
+    sink: Arc<dyn RecordSink>,
+    node_id: Arc<str>,
+    retry_after: Duration,
+}
+
+/// How one event of a batch ends up.
+enum Slot {
+    Pending(u64, Delivery),
+    Done(u64, RejectReason),
+}
+
+impl BatchHandler {
+    pub fn new(
+        pipeline: Pipeline,
+        sink: Arc<dyn RecordSink>,
+        node_id: &str,
+        retry_after: Duration,
+    ) -> Self {
+        Self {
+            pipeline,
+            sink,
+            node_id: Arc::from(node_id),
+            retry_after,
+        }
+    }
+
+    pub fn pipeline(&self) -> &Pipeline {
+        &self.pipeline
+    }
+
+    /// Checks `frame`, enqueues its records, and returns the ack to send once Kafka
+    /// has answered. `received_at_ms` is the server clock at receipt.
+    pub fn submit(
+        &self,
+        conn: &ConnectionContext,
+        session: &mut SessionState,
+        frame: &[u8],
+        received_at_ms: i64,
+    ) -> BoxFuture<'static, BatchAck> {
+        let started = Instant::now();
+        let transport = conn.transport;
+        let frame_len = frame.len();
+        let retry_after_ms = self.retry_after.as_millis().min(u32::MAX as u128) as u32;
+        match self.pipeline.check(&conn.identity, frame) {
+            Checked::Refused { batch_id, refusal } => {
+                let base = batch_provenance(&self.node_id, conn, session, received_at_ms, 0, 0);
+                let audit = self.audit(
+                    reject_record(&base, None, &refusal, frame_len),
+                    refusal.reason,
+                );
+                events::batch_rejected(transport, refusal.reason);
+                tracing::info!(
+                    device = %conn.identity.device_id,
+                    connection = %conn.connection_id,
+                    reason = refusal.reason.as_str(),
+                    detail = %refusal.detail,
+                    "batch rejected"
+                );
+                async move {
+                    if let Some(a) = audit {
+                        a.await;
+                    }
+                    let verdict = refusal.reason.verdict();
+                    let outcome = if verdict == Verdict::Retry {
+                        "retry"
+                    } else {
+                        "rejected"
+                    };
+                    events::batch_done(transport, outcome, started.elapsed(), frame_len);
+                    BatchAck {
+                        batch_id,
+                        events: Vec::new(),
+                        batch_verdict: verdict as i32,
+                        batch_reason: refusal.reason.as_str().to_owned(),
+                        retry_after_ms: if verdict == Verdict::Retry {
+                            retry_after_ms
+                        } else {
+                            0
+                        },
+                    }
+                }
+                .boxed()
+            }
+            Checked::Events { batch, verdicts } => {
+                session.update(batch.session.as_ref());
+                let base = batch_provenance(
+                    &self.node_id,
+                    conn,
+                    session,
+                    received_at_ms,
+                    batch.sent_at_ms,
+                    batch.schema_version,
+                );
+                let batch_id = batch.batch_id;
+                let mut slots = Vec::with_capacity(batch.events.len());
+                let mut audits = Vec::new();
+                let mut halted: Option<RejectReason> = None;
+                for (event, verdict) in batch.events.into_iter().zip(verdicts) {
+                    let seq = event.seq;
+                    match verdict {
+                        Err(refusal) => {
+                            audits.extend(self.audit(
+                                reject_record(&base, Some(&event), &refusal, frame_len),
+                                refusal.reason,
+                            ));
+                            log_event_reject(conn, seq, &refusal);
+                            slots.push(Slot::Done(seq, refusal.reason));
+                        }
+                        Ok(()) => {
+                            if let Some(reason) = halted {
+                                slots.push(Slot::Done(seq, reason));
+                                continue;
+                            }
+                            match self.sink.enqueue(event_record(&base, event)) {
+                                Ok(d) => slots.push(Slot::Pending(seq, timed(d))),
+                                Err(e) => {
+                                    let reason = match e {
+                                        EnqueueError::QueueFull => RejectReason::Overloaded,
+                                        EnqueueError::Refused(_) => RejectReason::DeliveryFailed,
+                                    };
+                                    events::kafka_enqueue_failed(&e);
+                                    halted = Some(reason);
+                                    slots.push(Slot::Done(seq, reason));
+                                }
+                            }
+                        }
+                    }
+                }
+                async move {
+                    let audits = join_all(audits);
+                    let acks = join_all(slots.into_iter().map(|slot| async move {
+                        match slot {
+                            Slot::Pending(seq, d) => match d.await {
+                                Ok(()) => (seq, None),
+                                Err(e) => {
+                                    events::kafka_delivery_failed(&e.0);
+                                    (seq, Some(RejectReason::DeliveryFailed))
+                                }
+                            },
+                            Slot::Done(seq, reason) => (seq, Some(reason)),
+                        }
+                    }));
+                    let (acks, _) = futures::join!(acks, audits);
+                    finish(
+                        batch_id,
+                        acks,
+                        transport,
+                        started,
+                        frame_len,
+                        retry_after_ms,
+                    )
+                }
+                .boxed()
+            }
+        }
+    }
+
+    /// Enqueues an audit record; its failure is counted but does not change the
+    /// verdict (the content was rejected either way).
+    fn audit(
+        &self,
+        record: crate::envelope::OutRecord,
+        reason: RejectReason,
+    ) -> Option<BoxFuture<'static, ()>> {
+        if !reason.audited() {
+            return None;
+        }
+        match self.sink.enqueue(record) {
+            Ok(d) => Some(
+                d.map(move |r| {
+                    if let Err(e) = r {
+                        events::audit_record_failed(reason, &e.0);
+                    }
+                })
+                .boxed(),
+            ),
+            Err(e) => {
+                events::audit_record_failed(reason, &e.to_string());
+                None
+            }
+        }
+    }
+}
+
+fn timed(d: Delivery) -> Delivery {
+    let start = Instant::now();
+    d.map(move |r| {
+        if r.is_ok() {
+            events::kafka_delivered(start.elapsed());
+        }
+        r
+    })
+    .boxed()
+}
+
+fn log_event_reject(conn: &ConnectionContext, seq: u64, refusal: &Refusal) {
+    tracing::info!(
+        device = %conn.identity.device_id,
+        connection = %conn.connection_id,
+        seq,
+        reason = refusal.reason.as_str(),
+        detail = %refusal.detail,
+        "event rejected"
+    );
+}
+
+fn finish(
+    batch_id: u64,
+    acks: Vec<(u64, Option<RejectReason>)>,
+    transport: crate::connection::Transport,
+    started: Instant,
+    frame_len: usize,
+    retry_after_ms: u32,
+) -> BatchAck {
+    let mut accepted = 0u64;
+    let mut any_retry = false;
+    let events = acks
+        .into_iter()
+        .map(|(seq, reason)| match reason {
+            None => {
+                accepted += 1;
+                EventAck {
+                    seq,
+                    verdict: Verdict::Accepted as i32,
+                    reason: String::new(),
+                }
+            }
+            Some(r) => {
+                events::event_rejected(transport, r, 1);
+                any_retry |= r.verdict() == Verdict::Retry;
+                EventAck {
+                    seq,
+                    verdict: r.verdict() as i32,
+                    reason: r.as_str().to_owned(),
+                }
+            }
+        })
+        .collect::<Vec<_>>();
+    events::events_accepted(transport, accepted);
+    let outcome = match (accepted as usize == events.len(), accepted, any_retry) {
+        (true, _, _) => "accepted",
+        (false, 0, true) => "retry",
+        (false, 0, false) => "rejected",
+        _ => "partial",
+    };
+    events::batch_done(transport, outcome, started.elapsed(), frame_len);
+    BatchAck {
+        batch_id,
+        events,
+        batch_verdict: Verdict::Accepted as i32,
+        batch_reason: String::new(),
+        retry_after_ms: if any_retry { retry_after_ms } else { 0 },
+    }
+}
