@@ -12,7 +12,7 @@ use serde::{de::DeserializeOwned, Serialize};
 use toml::{Table, Value};
 
 /// Variables with the prefix that are not configuration overrides.
-const RESERVED: &[&str] = &["FLEETGATE_LOG", "FLEETGATE_LOG_FORMAT"];
+const RESERVED: &[&str] = &["FLEETGATE_LOG"];
 /// Prefix of every configuration override.
 pub const ENV_PREFIX: &str = "FLEETGATE_";
 

@@ -149,8 +149,10 @@ mod tests {
 
     #[test]
     fn bad_values_are_named() {
-        let mut cfg = IngestConfig::default();
-        cfg.node_id = "a b".into();
+        let cfg = IngestConfig {
+            node_id: "a b".into(),
+            ..Default::default()
+        };
         assert!(cfg.validate().unwrap_err().contains("node_id"));
     }
 }

@@ -21,6 +21,7 @@ pub const HANDSHAKES: &str = "fleetgate_handshakes_total";
 pub const CONNECTIONS_OPEN: &str = "fleetgate_connections_open";
 pub const BYTES_RECEIVED: &str = "fleetgate_bytes_received_total";
 pub const KAFKA_QUEUE: &str = "fleetgate_kafka_producer_queue_messages";
+pub const KAFKA_PRODUCER_REPLACED: &str = "fleetgate_kafka_producer_replaced_total";
 pub const BUILD_INFO: &str = "fleetgate_build_info";
 
 /// Histogram buckets for latencies, in seconds (100 µs .. 30 s).
@@ -63,6 +64,12 @@ pub fn kafka_delivered(latency: Duration) {
 pub fn kafka_delivery_failed(error: &str) {
     counter!(KAFKA_DELIVERY_FAILURES).increment(1);
     tracing::warn!(error, "kafka delivery failed");
+}
+
+/// The producer hit a fatal error and was replaced by a fresh one.
+pub fn kafka_producer_replaced(error: &str) {
+    counter!(KAFKA_PRODUCER_REPLACED).increment(1);
+    tracing::error!(error, "kafka producer fatally failed; replaced");
 }
 
 pub fn audit_record_failed(reason: RejectReason, error: &str) {
@@ -108,5 +115,6 @@ pub fn describe(node_id: &str) {
     }
     counter!(KAFKA_DELIVERY_FAILURES).absolute(0);
     counter!(KAFKA_ENQUEUE_FAILURES).absolute(0);
+    counter!(KAFKA_PRODUCER_REPLACED).absolute(0);
     counter!(AUDIT_RECORDS_FAILED).absolute(0);
 }

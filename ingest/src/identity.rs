@@ -228,10 +228,7 @@ mod tests {
 
     fn pem_to_der(pem: &str) -> Vec<u8> {
         let mut reader = pem.as_bytes();
-        rustls_pemfile::certs(&mut reader)
-            .next()
-            .unwrap()
-            .unwrap()
-            .to_vec()
+        let first = rustls_pemfile::certs(&mut reader).next();
+        first.unwrap().unwrap().to_vec()
     }
 }

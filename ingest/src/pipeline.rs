@@ -268,8 +268,10 @@ mod tests {
 
     #[test]
     fn size_limit_applies_before_decoding() {
-        let mut limits = Limits::default();
-        limits.max_frame_bytes = 16;
+        let limits = Limits {
+            max_frame_bytes: 16,
+            ..Default::default()
+        };
         let p = Pipeline::new(limits, SignalCatalog::new(default_signals()));
         // Garbage that would be a decode error if it were decoded.
         let out = p.check(&identity(), &[0xff; 17]);

@@ -1,10 +1,16 @@
 //! The producer boundary. The core hands records to a [`RecordSink`]; the Kafka sink is
 //! an idempotent, `acks=all` rdkafka producer whose delivery future resolves only when
 //! the broker has acknowledged the record: that is what "accepted" means to a device.
+//! An idempotent producer can enter a fatal state (e.g. fenced after timed-out
+//! in-flight requests); the sink then replaces it, so ingest heals instead of failing
+//! every later record. Records in flight on the old producer fail and are retried by
+//! their devices, which were never told they were accepted.
 
 use std::collections::BTreeMap;
 use std::future::Future;
 use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
 use futures::FutureExt;
@@ -116,21 +122,64 @@ impl KafkaConfig {
 
 /// An rdkafka producer bound to the configured topics.
 pub struct KafkaSink {
-    producer: FutureProducer,
+    producer: RwLock<FutureProducer>,
+    client_config: ClientConfig,
     topics: Topics,
+    /// Set by a failed delivery; the next enqueue checks for a fatal producer error.
+    suspect: Arc<AtomicBool>,
 }
 
 impl KafkaSink {
     pub fn new(config: &KafkaConfig) -> Result<Self, KafkaError> {
+        let client_config = config.client_config();
         Ok(Self {
-            producer: config.client_config().create()?,
+            producer: RwLock::new(client_config.create()?),
+            client_config,
             topics: config.topics.clone(),
+            suspect: Arc::new(AtomicBool::new(false)),
         })
+    }
+
+    fn producer(&self) -> FutureProducer {
+        self.producer
+            .read()
+            .expect("producer lock is never poisoned")
+            .clone()
+    }
+
+    /// Replaces the producer if librdkafka declared it fatally failed.
+    fn heal_if_fatal(&self) {
+        if !self.suspect.swap(false, Ordering::AcqRel) {
+            return;
+        }
+        let current = self.producer();
+        let (code, reason) = current.client().fatal_error().unwrap_or((
+            RDKafkaErrorCode::ProducerFenced,
+            "producer state lost".into(),
+        ));
+        match self.client_config.create::<FutureProducer>() {
+            Ok(fresh) => {
+                let old = std::mem::replace(
+                    &mut *self
+                        .producer
+                        .write()
+                        .expect("producer lock is never poisoned"),
+                    fresh,
+                );
+                crate::events::kafka_producer_replaced(&format!("{code:?}: {reason}"));
+                // Dropping purges and briefly flushes: keep it off the async workers.
+                std::thread::spawn(move || drop((old, current)));
+            }
+            Err(e) => {
+                self.suspect.store(true, Ordering::Release);
+                tracing::error!(error = %e, "cannot recreate Kafka producer");
+            }
+        }
     }
 
     /// Whether the cluster answers a metadata request (readiness).
     pub fn reachable(&self, timeout: Duration) -> bool {
-        self.producer
+        self.producer()
             .client()
             .fetch_metadata(Some(&self.topics.events), timeout)
             .is_ok()
@@ -138,16 +187,17 @@ impl KafkaSink {
 
     /// Waits for queued records, for graceful shutdown.
     pub fn flush(&self, timeout: Duration) -> Result<(), KafkaError> {
-        self.producer.flush(timeout)
+        self.producer().flush(timeout)
     }
 
     pub fn in_flight(&self) -> i32 {
-        self.producer.in_flight_count()
+        self.producer().in_flight_count()
     }
 }
 
 impl RecordSink for KafkaSink {
     fn enqueue(&self, record: OutRecord) -> Result<Delivery, EnqueueError> {
+        self.heal_if_fatal();
         let topic = match record.topic {
             TopicKind::Events => &self.topics.events,
             TopicKind::Rejected => &self.topics.rejected,
@@ -165,18 +215,47 @@ impl RecordSink for KafkaSink {
             .key(record.key.as_bytes())
             .payload(&record.payload)
             .headers(headers);
-        match self.producer.send_result(fr) {
+        let suspect = self.suspect.clone();
+        match self.producer().send_result(fr) {
             Ok(delivery) => Ok(delivery
-                .map(|r| match r {
+                .map(move |r| match r {
                     Ok(Ok(_)) => Ok(()),
-                    Ok(Err((e, _))) => Err(DeliveryError(e.to_string())),
+                    Ok(Err((e, _))) => {
+                        if producer_state_lost(&e) {
+                            suspect.store(true, Ordering::Release);
+                        }
+                        Err(DeliveryError(e.to_string()))
+                    }
                     Err(_) => Err(DeliveryError("producer dropped".into())),
                 })
                 .boxed()),
             Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), _)) => {
                 Err(EnqueueError::QueueFull)
             }
-            Err((e, _)) => Err(EnqueueError::Refused(e.to_string())),
+            Err((e, _)) => {
+                if producer_state_lost(&e) {
+                    self.suspect.store(true, Ordering::Release);
+                }
+                Err(EnqueueError::Refused(e.to_string()))
+            }
         }
     }
+}
+
+/// Errors after which an idempotent producer cannot continue: its producer id or
+/// epoch is no longer valid, so only a fresh producer can make progress.
+fn producer_state_lost(e: &KafkaError) -> bool {
+    use RDKafkaErrorCode as C;
+    matches!(
+        e.rdkafka_error_code(),
+        Some(
+            C::ProducerFenced
+                | C::InvalidProducerEpoch
+                | C::UnknownProducerId
+                | C::OutOfOrderSequenceNumber
+                | C::InvalidProducerIdMapping
+                | C::Fatal
+                | C::Fenced
+        )
+    )
 }

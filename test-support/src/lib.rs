@@ -62,14 +62,34 @@ impl Broker {
     /// SQLite storage, so data and topics survive [`Broker::restart`].
     pub fn start_persistent() -> anyhow::Result<Self> {
         let dir = tempfile::tempdir()?;
-        let storage = format!("sqlite://{}", dir.path().join("tansu.db").display());
-        Self::start_with(storage, dir)
+        // tansu resolves the path against its working directory (the temp dir).
+        Self::start_with("sqlite://tansu.db".to_owned(), dir)
+    }
+
+    /// Freezes the broker (SIGSTOP): connections stay open, nothing is answered.
+    /// From a producer's view, a hung or unreachable broker; its state is kept.
+    pub fn freeze(&self) {
+        self.signal("-STOP");
+    }
+
+    /// Resumes a frozen broker (SIGCONT).
+    pub fn thaw(&self) {
+        self.signal("-CONT");
+    }
+
+    fn signal(&self, sig: &str) {
+        if let Some(c) = &self.child {
+            let _ = Command::new("kill")
+                .args([sig, &c.id().to_string()])
+                .status();
+        }
     }
 
     fn start_with(storage: String, dir: tempfile::TempDir) -> anyhow::Result<Self> {
+        let port = free_port();
         let mut broker = Self {
             child: None,
-            port: free_port(),
+            port,
             storage,
             _dir: dir,
         };
@@ -82,7 +102,10 @@ impl Broker {
 
     fn spawn(&mut self) -> anyhow::Result<()> {
         let url = format!("tcp://127.0.0.1:{}", self.port);
-        let log = std::fs::File::create(self._dir.path().join("tansu.log"))?;
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self._dir.path().join("tansu.log"))?;
         let child = Command::new(tansu_bin())
             .args([
                 "broker",
@@ -92,6 +115,7 @@ impl Broker {
                 &url,
             ])
             .args(["--storage-engine", &self.storage])
+            .current_dir(self._dir.path())
             .stdout(Stdio::null())
             .stderr(log)
             .spawn()
@@ -124,8 +148,14 @@ impl Broker {
         Ok(())
     }
 
+    /// The broker's log so far (for failure messages).
+    pub fn logs(&self) -> String {
+        std::fs::read_to_string(self._dir.path().join("tansu.log")).unwrap_or_default()
+    }
+
     /// Kills the broker (an outage).
     pub fn stop(&mut self) {
+        self.thaw();
         if let Some(mut c) = self.child.take() {
             let _ = c.kill();
             let _ = c.wait();
@@ -215,15 +245,23 @@ impl Ingest {
     /// Spawns `bin` with a config made of `toml` (which should include the PKI's
     /// `[tls]` section and `[kafka]` bootstrap) and waits for its ready line.
     pub fn spawn(bin: &Path, toml: &str) -> anyhow::Result<Self> {
+        Self::spawn_with_env(bin, toml, &[])
+    }
+
+    /// Like [`Ingest::spawn`], with `FLEETGATE_*` overrides in the environment.
+    pub fn spawn_with_env(bin: &Path, toml: &str, env: &[(&str, &str)]) -> anyhow::Result<Self> {
         let dir = tempfile::tempdir()?;
         let config = dir.path().join("ingest.toml");
-        let base = "log_format = \"text\"\n[grpc]\nlisten = \"127.0.0.1:0\"\n[metrics]\nlisten = \"127.0.0.1:0\"\n";
-        std::fs::write(&config, format!("{base}{toml}"))?;
+        std::fs::write(&config, toml)?;
         let stderr_path = dir.path().join("ingest.log");
         let mut child = Command::new(bin)
             .arg("--config")
             .arg(&config)
             .env("FLEETGATE_LOG", "info,rdkafka=warn")
+            .env("FLEETGATE_LOG_FORMAT", "text")
+            .env("FLEETGATE_GRPC__LISTEN", "127.0.0.1:0")
+            .env("FLEETGATE_METRICS__LISTEN", "127.0.0.1:0")
+            .envs(env.iter().copied())
             .stdout(Stdio::piped())
             .stderr(std::fs::File::create(&stderr_path)?)
             .spawn()
@@ -311,7 +349,9 @@ impl Drop for Ingest {
 pub fn metric_value(text: &str, name: &str, labels: &[(&str, &str)]) -> Option<f64> {
     let mut found = None;
     for line in text.lines().filter(|l| !l.starts_with('#')) {
-        let (series, value) = line.rsplit_once(' ')?;
+        let Some((series, value)) = line.rsplit_once(' ') else {
+            continue;
+        };
         let (metric, label_part) = series.split_once('{').unwrap_or((series, ""));
         if metric != name {
             continue;
@@ -320,7 +360,9 @@ pub fn metric_value(text: &str, name: &str, labels: &[(&str, &str)]) -> Option<f
             .iter()
             .all(|(k, v)| label_part.contains(&format!("{k}=\"{v}\"")))
         {
-            *found.get_or_insert(0.0) += value.parse::<f64>().ok()?;
+            if let Ok(v) = value.trim().parse::<f64>() {
+                *found.get_or_insert(0.0) += v;
+            }
         }
     }
     found

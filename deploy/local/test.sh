@@ -1,0 +1,16 @@
+#!/usr/bin/env bash
+# The whole test suite on a fresh machine: installs the tansu broker if missing, then
+# checks formatting, lints, and runs every unit, property and integration test
+# (integration tests start their own brokers and ingest nodes on loopback ports).
+set -euo pipefail
+
+root="$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)"
+cd "$root"
+
+TANSU_BIN="$(bash deploy/local/ensure-tansu.sh)"
+export TANSU_BIN
+echo "broker: $TANSU_BIN ($("$TANSU_BIN" --version 2>/dev/null || echo unknown version))"
+
+cargo fmt --all -- --check
+cargo clippy --workspace --all-targets --locked -- -D warnings
+cargo test --workspace --locked

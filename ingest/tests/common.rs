@@ -1,0 +1,135 @@
+//! Helpers shared by this crate's integration tests.
+#![allow(dead_code)]
+
+use std::path::Path;
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use fleetgate_client::{ClientTls, GrpcDevice};
+use fleetgate_pki::Issued;
+use fleetgate_proto::{
+    signal::Value, BatchAck, Location, SessionContext, Signal, TelemetryBatch, TelemetryEvent,
+    Verdict,
+};
+use fleetgate_test_support::{Broker, Ingest, TestPki};
+
+pub fn ingest_bin() -> &'static Path {
+    Path::new(env!("CARGO_BIN_EXE_fleetgate-ingest"))
+}
+
+pub fn now_ms() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as i64
+}
+
+/// A broker, a PKI and an ingest node wired together.
+pub struct Stack {
+    pub broker: Broker,
+    pub pki: TestPki,
+    pub ingest: Ingest,
+}
+
+impl Stack {
+    pub fn start(extra_toml: &str) -> Self {
+        Self::start_on(Broker::start().expect("broker"), extra_toml)
+    }
+
+    pub fn start_on(broker: Broker, extra_toml: &str) -> Self {
+        Self::start_with_env(broker, extra_toml, &[])
+    }
+
+    pub fn start_with_env(broker: Broker, extra_toml: &str, env: &[(&str, &str)]) -> Self {
+        let pki = TestPki::new().expect("pki");
+        let ingest = spawn_ingest(&broker, &pki, extra_toml, env);
+        Self {
+            broker,
+            pki,
+            ingest,
+        }
+    }
+
+    pub async fn device(&self, fleet: &str, device: &str) -> GrpcDevice {
+        let issued = self.pki.device(fleet, device);
+        self.connect(Some(&issued)).await.expect("device connects")
+    }
+
+    pub async fn connect(
+        &self,
+        issued: Option<&Issued>,
+    ) -> Result<GrpcDevice, fleetgate_client::ClientError> {
+        GrpcDevice::connect(&self.ingest.endpoint(), &client_tls(&self.pki, issued)).await
+    }
+}
+
+pub fn spawn_ingest(
+    broker: &Broker,
+    pki: &TestPki,
+    extra_toml: &str,
+    env: &[(&str, &str)],
+) -> Ingest {
+    let toml = format!(
+        "node_id = \"it-node\"\n{extra_toml}\n{}\n[kafka]\nbootstrap_servers = \"{}\"\n",
+        pki.tls_toml(),
+        broker.bootstrap()
+    );
+    Ingest::spawn_with_env(ingest_bin(), &toml, env).expect("ingest starts")
+}
+
+pub fn client_tls(pki: &TestPki, issued: Option<&Issued>) -> ClientTls {
+    ClientTls {
+        server_ca_pem: pki.ca.cert_pem(),
+        identity: issued.map(|i| (i.cert_pem.clone(), i.key_pem.clone())),
+        server_name: "localhost".into(),
+    }
+}
+
+pub fn event(seq: u64, speed: f64) -> TelemetryEvent {
+    TelemetryEvent {
+        seq,
+        captured_at_ms: now_ms() - 50,
+        signals: vec![
+            Signal {
+                name: "speed_kph".into(),
+                value: Some(Value::F64(speed)),
+            },
+            Signal {
+                name: "soc_pct".into(),
+                value: Some(Value::F64(80.0)),
+            },
+        ],
+        location: Some(Location {
+            latitude_deg: 52.52,
+            longitude_deg: 13.40,
+            accuracy_m: 4.0,
+            heading_deg: 90.0,
+        }),
+    }
+}
+
+pub fn batch(batch_id: u64, events: Vec<TelemetryEvent>) -> TelemetryBatch {
+    TelemetryBatch {
+        schema_version: 1,
+        batch_id,
+        sent_at_ms: now_ms(),
+        session: Some(SessionContext {
+            software_version: "fw-2.1.0".into(),
+            vehicle_config_id: "cfg-eu-7".into(),
+        }),
+        events,
+        device_id: String::new(),
+        fleet_id: String::new(),
+    }
+}
+
+pub fn verdicts(ack: &BatchAck) -> Vec<(Verdict, String)> {
+    ack.events
+        .iter()
+        .map(|e| (e.verdict(), e.reason.clone()))
+        .collect()
+}
+
+pub fn all_accepted(ack: &BatchAck) -> bool {
+    ack.batch_verdict() == Verdict::Accepted
+        && ack.events.iter().all(|e| e.verdict() == Verdict::Accepted)
+}

@@ -1,0 +1,246 @@
+//! Drives one synthetic fleet: one task and one mTLS connection per device, batches
+//! sent in order, RETRY verdicts re-sent after the server's hint with a bounded
+//! number of attempts.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use anyhow::Context;
+use fleetgate_client::{ClientTls, GrpcDevice};
+use fleetgate_loadgen::drive::Drive;
+use fleetgate_loadgen::report::DeviceOutcome;
+use fleetgate_proto::{SessionContext, TelemetryBatch, TelemetryEvent, Verdict};
+use rand::{rngs::StdRng, SeedableRng};
+use tokio::task::JoinSet;
+
+/// Spacing of `captured_at_ms` between events of one batch.
+const CAPTURE_SPACING_MS: i64 = 10;
+/// Floor for the retry back-off when the server sends no hint.
+const MIN_RETRY_DELAY: Duration = Duration::from_millis(50);
+
+/// What every device of the fleet shares.
+#[derive(Debug, Clone)]
+pub struct FleetPlan {
+    pub endpoint: String,
+    pub server_name: String,
+    pub batches: u64,
+    pub events_per_batch: u64,
+    pub max_attempts: u32,
+    pub interval: Duration,
+    pub software_version: String,
+    pub vehicle_config_id: String,
+}
+
+/// Certificate and key of one device, read before any connection is made.
+pub struct DeviceCredentials {
+    pub device_id: String,
+    pub cert_pem: String,
+    pub key_pem: String,
+}
+
+/// Reads `<pki>/devices/<fleet>/<prefix>-NNNN.{pem,key}` for `count` devices.
+pub fn load_credentials(
+    pki_dir: &Path,
+    fleet: &str,
+    prefix: &str,
+    count: usize,
+) -> anyhow::Result<Vec<DeviceCredentials>> {
+    let dir = pki_dir.join("devices").join(fleet);
+    (0..count)
+        .map(|i| {
+            let device_id = format!("{prefix}-{i:04}");
+            let read = |ext: &str| -> anyhow::Result<String> {
+                let path: PathBuf = dir.join(format!("{device_id}.{ext}"));
+                std::fs::read_to_string(&path).with_context(|| {
+                    format!(
+                        "reading {} (create with: fleetgate-pki device --dir {} --fleet {fleet} --device {prefix} --count {count})",
+                        path.display(),
+                        pki_dir.display()
+                    )
+                })
+            };
+            Ok(DeviceCredentials {
+                cert_pem: read("pem")?,
+                key_pem: read("key")?,
+                device_id,
+            })
+        })
+        .collect()
+}
+
+/// Runs every device concurrently and returns their outcomes.
+pub async fn run_fleet(
+    plan: FleetPlan,
+    server_ca_pem: String,
+    devices: Vec<DeviceCredentials>,
+) -> Vec<DeviceOutcome> {
+    let mut tasks = JoinSet::new();
+    for creds in devices {
+        let plan = plan.clone();
+        let tls = ClientTls {
+            server_ca_pem: server_ca_pem.clone(),
+            identity: Some((creds.cert_pem, creds.key_pem)),
+            server_name: plan.server_name.clone(),
+        };
+        tasks.spawn(run_device(plan, tls, creds.device_id));
+    }
+    let mut outcomes = Vec::new();
+    while let Some(joined) = tasks.join_next().await {
+        outcomes.push(joined.unwrap_or_else(|e| DeviceOutcome {
+            error: Some(format!("device task failed: {e}")),
+            ..Default::default()
+        }));
+    }
+    outcomes
+}
+
+async fn run_device(plan: FleetPlan, tls: ClientTls, device_id: String) -> DeviceOutcome {
+    let planned = plan.batches * plan.events_per_batch;
+    let mut out = DeviceOutcome {
+        events_sent: planned,
+        ..Default::default()
+    };
+    let mut conn = match GrpcDevice::connect(&plan.endpoint, &tls).await {
+        Ok(c) => c,
+        Err(e) => {
+            out.error = Some(format!("{device_id}: {}", error_chain(&e)));
+            out.rejected.insert("not_sent".into(), planned);
+            return out;
+        }
+    };
+    let mut rng = StdRng::from_os_rng();
+    let mut drive = Drive::new(&mut rng);
+    let session = SessionContext {
+        software_version: plan.software_version.clone(),
+        vehicle_config_id: plan.vehicle_config_id.clone(),
+    };
+    let mut next_batch_id = 1u64;
+    for b in 0..plan.batches {
+        let now = unix_ms_now();
+        let k = plan.events_per_batch as i64;
+        let events: Vec<TelemetryEvent> = (0..k)
+            .map(|i| drive.next_event(&mut rng, now - (k - 1 - i) * CAPTURE_SPACING_MS))
+            .collect();
+        if let Err(e) = send_with_retries(
+            &mut conn,
+            &plan,
+            &session,
+            events,
+            &mut next_batch_id,
+            &mut out,
+        )
+        .await
+        {
+            let unsent = (plan.batches - b - 1) * plan.events_per_batch;
+            out.error = Some(format!("{device_id}: {e}"));
+            *out.rejected.entry("not_sent".into()).or_default() += unsent;
+            return out;
+        }
+        if !plan.interval.is_zero() {
+            tokio::time::sleep(plan.interval).await;
+        }
+    }
+    out
+}
+
+/// Sends `events` until each has a final verdict or attempts run out. On a stream
+/// error, the events still without a verdict are counted `not_acked`.
+async fn send_with_retries(
+    conn: &mut GrpcDevice,
+    plan: &FleetPlan,
+    session: &SessionContext,
+    mut pending: Vec<TelemetryEvent>,
+    next_batch_id: &mut u64,
+    out: &mut DeviceOutcome,
+) -> anyhow::Result<()> {
+    let mut attempt = 1;
+    loop {
+        let batch = TelemetryBatch {
+            schema_version: 1,
+            batch_id: *next_batch_id,
+            sent_at_ms: unix_ms_now(),
+            session: Some(session.clone()),
+            events: pending,
+            ..Default::default()
+        };
+        *next_batch_id += 1;
+        let started = Instant::now();
+        let ack = match conn.send(&batch).await {
+            Ok(ack) => ack,
+            Err(e) => {
+                *out.rejected.entry("not_acked".into()).or_default() += batch.events.len() as u64;
+                return Err(e).context("sending batch");
+            }
+        };
+        out.latencies.push(started.elapsed());
+        out.batches += 1;
+
+        let mut retry = Vec::new();
+        if ack.events.is_empty() {
+            // The batch was refused (or deferred) as a whole.
+            match Verdict::try_from(ack.batch_verdict) {
+                Ok(Verdict::Retry) => retry = batch.events,
+                Ok(Verdict::Accepted) if batch.events.is_empty() => {}
+                _ => {
+                    let reason = non_empty(&ack.batch_reason, "batch_refused");
+                    *out.rejected.entry(reason).or_default() += batch.events.len() as u64;
+                }
+            }
+        } else {
+            let by_seq: HashMap<u64, _> = ack.events.iter().map(|a| (a.seq, a)).collect();
+            for event in batch.events {
+                match by_seq.get(&event.seq) {
+                    None => *out.rejected.entry("missing_ack".into()).or_default() += 1,
+                    Some(a) => match Verdict::try_from(a.verdict) {
+                        Ok(Verdict::Accepted) => out.accepted += 1,
+                        Ok(Verdict::Retry) => retry.push(event),
+                        _ => {
+                            let reason = non_empty(&a.reason, "rejected");
+                            *out.rejected.entry(reason).or_default() += 1;
+                        }
+                    },
+                }
+            }
+        }
+        if retry.is_empty() {
+            return Ok(());
+        }
+        if attempt >= plan.max_attempts {
+            *out.rejected.entry("retry_exhausted".into()).or_default() += retry.len() as u64;
+            return Ok(());
+        }
+        attempt += 1;
+        out.retried += retry.len() as u64;
+        let hint = Duration::from_millis(u64::from(ack.retry_after_ms));
+        tokio::time::sleep(hint.max(MIN_RETRY_DELAY)).await;
+        pending = retry;
+    }
+}
+
+fn non_empty(reason: &str, fallback: &str) -> String {
+    if reason.is_empty() {
+        fallback.to_owned()
+    } else {
+        reason.to_owned()
+    }
+}
+
+/// `outer: inner: root`, since tonic's top-level messages alone say little.
+fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut text = e.to_string();
+    let mut source = e.source();
+    while let Some(s) = source {
+        text.push_str(": ");
+        text.push_str(&s.to_string());
+        source = s.source();
+    }
+    text
+}
+
+fn unix_ms_now() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as i64)
+        .unwrap_or(0)
+}
