@@ -1,6 +1,11 @@
 //! Device-side client for fleetgate ingest: connects with the device certificate,
 //! keeps one `Publish` stream open, sends batches and returns their acks in order.
+//! [`QuicDevice`] does the same over QUIC (one stream per batch).
 //! Used by the load generator, the demo fleet and the integration tests.
+
+mod quic;
+
+pub use quic::{QuicDevice, ALPN as QUIC_ALPN};
 
 use std::time::Duration;
 
@@ -25,6 +30,26 @@ pub enum ClientError {
     Closed,
     #[error("no ack within {0:?}")]
     Timeout(Duration),
+    #[error("tls: {0}")]
+    Tls(#[from] rustls::Error),
+    #[error("pem: {0}")]
+    Pem(std::io::Error),
+    #[error("no PEM {0} found")]
+    NoPem(&'static str),
+    #[error("TLS config has no QUIC-capable cipher suite")]
+    NoQuicCipher,
+    #[error("socket: {0}")]
+    Io(#[from] std::io::Error),
+    #[error("quic connect: {0}")]
+    QuicConnect(#[from] quinn::ConnectError),
+    #[error("quic connection: {0}")]
+    QuicConnection(#[from] quinn::ConnectionError),
+    #[error("quic write: {0}")]
+    QuicWrite(#[from] quinn::WriteError),
+    #[error("quic read: {0}")]
+    QuicRead(#[from] quinn::ReadToEndError),
+    #[error("undecodable ack: {0}")]
+    BadAck(#[from] prost::DecodeError),
 }
 
 /// Trust anchors and (optionally) the device's own certificate.

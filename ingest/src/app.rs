@@ -18,9 +18,12 @@ use tokio_rustls::TlsAcceptor;
 use crate::catalog::SignalCatalog;
 use crate::config::IngestConfig;
 use crate::events;
+use crate::freshness::FreshnessWindow;
 use crate::grpc::{self, IngestService};
 use crate::pipeline::Pipeline;
 use crate::publish::KafkaSink;
+use crate::quic;
+use crate::replay::ReplayWindows;
 use crate::service::BatchHandler;
 use crate::tls::ServerTls;
 
@@ -29,6 +32,7 @@ use crate::tls::ServerTls;
 pub struct Bound {
     pub grpc: SocketAddr,
     pub metrics: SocketAddr,
+    pub quic: SocketAddr,
 }
 
 /// Installs the global Prometheus recorder with fleetgate's histogram buckets.
@@ -62,6 +66,8 @@ pub async fn run(
     let pipeline = Pipeline::new(
         cfg.limits.clone(),
         SignalCatalog::new(cfg.catalog.signals.clone()),
+        FreshnessWindow::new(&cfg.freshness),
+        ReplayWindows::new(cfg.sequence.window),
     );
     let handler = Arc::new(BatchHandler::new(
         pipeline,
@@ -83,9 +89,11 @@ pub async fn run(
     let grpc_listener = TcpListener::bind(cfg.grpc.listen)
         .await
         .with_context(|| format!("binding grpc.listen {}", cfg.grpc.listen))?;
+    let quic_endpoint = quic::bind(&cfg.quic, tls.server_config(&[quic::ALPN])?)?;
     let bound = Bound {
         grpc: grpc_listener.local_addr()?,
         metrics: metrics_listener.local_addr()?,
+        quic: quic_endpoint.local_addr().context("quic local address")?,
     };
 
     let health = Health {
@@ -133,6 +141,14 @@ pub async fn run(
         .register_encoded_file_descriptor_set(fleetgate_proto::FILE_DESCRIPTOR_SET)
         .build_v1()
         .context("building reflection service")?;
+    let quic_server = tokio::spawn(quic::serve(
+        quic_endpoint.clone(),
+        handler.clone(),
+        Arc::from(tls.trust_domain()),
+        Arc::from(cfg.node_id.as_str()),
+        cfg.quic.clone(),
+        shutdown.clone(),
+    ));
     let ingest = IngestService::new(
         handler,
         cfg.grpc.max_in_flight_batches_per_stream,
@@ -150,16 +166,24 @@ pub async fn run(
             }),
     );
 
-    tracing::info!(grpc = %bound.grpc, metrics = %bound.metrics, node = %cfg.node_id, "ingest listening");
+    tracing::info!(grpc = %bound.grpc, quic = %bound.quic, metrics = %bound.metrics, node = %cfg.node_id, "ingest listening");
     on_bound(bound);
 
     let mut stop = shutdown.clone();
     let _ = stop.wait_for(|s| *s).await;
     tracing::info!("shutting down: draining in-flight batches");
-    match tokio::time::timeout(cfg.shutdown_grace, grpc_server).await {
+    // Both transports drain concurrently (each watches `shutdown`) under one deadline.
+    let deadline = tokio::time::Instant::now() + cfg.shutdown_grace;
+    match tokio::time::timeout_at(deadline, grpc_server).await {
         Ok(r) => r.context("grpc task")?.context("grpc server")?,
-        Err(_) => tracing::warn!("grace period over with batches still in flight"),
+        Err(_) => tracing::warn!("grace period over with gRPC batches still in flight"),
     }
+    match tokio::time::timeout_at(deadline, quic_server).await {
+        Ok(r) => r.context("quic task")?,
+        Err(_) => tracing::warn!("grace period over with QUIC batches still in flight"),
+    }
+    // Idempotent after a clean drain; after a timeout it cuts what is left.
+    quic_endpoint.close(0u32.into(), b"shutdown");
     let flush_sink = sink.clone();
     let grace = cfg.shutdown_grace;
     tokio::task::spawn_blocking(move || flush_sink.flush(grace))

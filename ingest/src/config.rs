@@ -7,9 +7,11 @@ use std::time::Duration;
 use serde::{Deserialize, Serialize};
 
 use crate::catalog::{default_signals, SignalSpec};
+use crate::freshness::FreshnessConfig;
 use crate::grpc::GrpcConfig;
 use crate::pipeline::Limits;
 use crate::publish::KafkaConfig;
+use crate::quic::QuicConfig;
 use crate::tls::TlsConfig;
 
 /// Everything an ingest node needs.
@@ -27,8 +29,11 @@ pub struct IngestConfig {
     /// `json` (default) or `text`.
     pub log_format: String,
     pub grpc: GrpcConfig,
+    pub quic: QuicConfig,
     pub tls: TlsConfig,
     pub limits: Limits,
+    pub freshness: FreshnessConfig,
+    pub sequence: SequenceConfig,
     pub kafka: KafkaConfig,
     pub metrics: MetricsConfig,
     pub catalog: CatalogConfig,
@@ -42,8 +47,11 @@ impl Default for IngestConfig {
             shutdown_grace: Duration::from_secs(15),
             log_format: "json".into(),
             grpc: GrpcConfig::default(),
+            quic: QuicConfig::default(),
             tls: TlsConfig::default(),
             limits: Limits::default(),
+            freshness: FreshnessConfig::default(),
+            sequence: SequenceConfig::default(),
             kafka: KafkaConfig::default(),
             metrics: MetricsConfig::default(),
             catalog: CatalogConfig::default(),
@@ -63,6 +71,20 @@ impl Default for MetricsConfig {
         Self {
             listen: "127.0.0.1:9464".parse().expect("literal address"),
         }
+    }
+}
+
+/// Per-device anti-replay window.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct SequenceConfig {
+    /// Sequence numbers remembered per device (rounded up to a multiple of 64).
+    pub window: u64,
+}
+
+impl Default for SequenceConfig {
+    fn default() -> Self {
+        Self { window: 1024 }
     }
 }
 
@@ -95,6 +117,7 @@ impl IngestConfig {
         if self.limits.max_frame_bytes == 0 || self.limits.max_frame_bytes > 64 * 1024 * 1024 {
             return Err("limits.max_frame_bytes must be in 1..=64MiB".into());
         }
+        self.quic.validate()?;
         if self.limits.supported_schema_versions.is_empty() {
             return Err("limits.supported_schema_versions must not be empty".into());
         }
@@ -103,6 +126,9 @@ impl IngestConfig {
         }
         if self.kafka.delivery_timeout < Duration::from_millis(100) {
             return Err("kafka.delivery_timeout must be at least 100ms".into());
+        }
+        if !(64..=1 << 20).contains(&self.sequence.window) {
+            return Err("sequence.window must be in 64..=1048576".into());
         }
         if !matches!(self.log_format.as_str(), "json" | "text") {
             return Err(format!(

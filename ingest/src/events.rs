@@ -6,6 +6,7 @@ use std::time::Duration;
 use metrics::{counter, gauge, histogram};
 
 use crate::connection::Transport;
+use crate::quic::StreamFailure;
 use crate::reject::RejectReason;
 
 pub const EVENTS_ACCEPTED: &str = "fleetgate_events_accepted_total";
@@ -22,6 +23,9 @@ pub const CONNECTIONS_OPEN: &str = "fleetgate_connections_open";
 pub const BYTES_RECEIVED: &str = "fleetgate_bytes_received_total";
 pub const KAFKA_QUEUE: &str = "fleetgate_kafka_producer_queue_messages";
 pub const KAFKA_PRODUCER_REPLACED: &str = "fleetgate_kafka_producer_replaced_total";
+pub const QUIC_STREAMS_ACKED: &str = "fleetgate_quic_streams_acked_total";
+pub const QUIC_STREAM_ERRORS: &str = "fleetgate_quic_stream_errors_total";
+pub const QUIC_CONNECTIONS_REFUSED: &str = "fleetgate_quic_connections_refused_total";
 pub const BUILD_INFO: &str = "fleetgate_build_info";
 
 /// Histogram buckets for latencies, in seconds (100 µs .. 30 s).
@@ -95,6 +99,22 @@ pub fn connection_closed(transport: Transport) {
     gauge!(CONNECTIONS_OPEN, "transport" => transport.as_str()).decrement(1.0);
 }
 
+/// A QUIC stream carried one batch and its ack reached the device's stream.
+pub fn quic_stream_acked() {
+    counter!(QUIC_STREAMS_ACKED).increment(1);
+}
+
+/// A QUIC stream ended abnormally (timeout, reset, truncation, oversize, ...).
+pub fn quic_stream_failed(kind: StreamFailure) {
+    counter!(QUIC_STREAM_ERRORS, "kind" => kind.as_str()).increment(1);
+}
+
+/// A QUIC connection attempt refused before its handshake (e.g. `max_connections`).
+pub fn quic_connection_refused(reason: &'static str) {
+    counter!(QUIC_CONNECTIONS_REFUSED, "reason" => reason).increment(1);
+    tracing::warn!(reason, "quic connection refused");
+}
+
 pub fn kafka_queue(depth: i32) {
     gauge!(KAFKA_QUEUE).set(depth as f64);
 }
@@ -117,4 +137,9 @@ pub fn describe(node_id: &str) {
     counter!(KAFKA_ENQUEUE_FAILURES).absolute(0);
     counter!(KAFKA_PRODUCER_REPLACED).absolute(0);
     counter!(AUDIT_RECORDS_FAILED).absolute(0);
+    counter!(QUIC_STREAMS_ACKED).absolute(0);
+    for kind in StreamFailure::ALL {
+        counter!(QUIC_STREAM_ERRORS, "kind" => kind.as_str()).absolute(0);
+    }
+    counter!(QUIC_CONNECTIONS_REFUSED, "reason" => "max_connections").absolute(0);
 }

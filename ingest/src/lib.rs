@@ -1,6 +1,6 @@
 //! fleetgate ingest: authenticates devices by certificate, validates their telemetry
-//! and publishes it to Kafka with provenance. `pipeline` is the pure core; `grpc` is
-//! a transport adapter; `publish` is the Kafka boundary; `app` wires them.
+//! and publishes it to Kafka with provenance. `pipeline` is the pure core; `grpc` and
+//! `quic` are transport adapters; `publish` is the Kafka boundary; `app` wires them.
 
 pub mod app;
 pub mod catalog;
@@ -9,10 +9,13 @@ pub mod config;
 pub mod connection;
 pub mod envelope;
 pub mod events;
+pub mod freshness;
 pub mod grpc;
 pub mod identity;
 pub mod pipeline;
 pub mod publish;
+pub mod quic;
 pub mod reject;
+pub mod replay;
 pub mod service;
 pub mod tls;

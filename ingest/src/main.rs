@@ -8,7 +8,10 @@ use fleetgate_ingest::{app, config::IngestConfig};
 use tokio::sync::watch;
 
 #[derive(Parser)]
-#[command(version, about = "fleetgate ingest node (gRPC over mTLS -> Kafka)")]
+#[command(
+    version,
+    about = "fleetgate ingest node (gRPC and QUIC over mTLS -> Kafka)"
+)]
 struct Cli {
     /// TOML configuration file; FLEETGATE_* variables override it.
     #[arg(long)]
@@ -41,8 +44,8 @@ fn main() -> anyhow::Result<()> {
         app::run(cfg, metrics, rx, |bound| {
             // Machine-readable line for scripts and tests that bind port 0.
             println!(
-                "fleetgate-ingest ready grpc={} metrics={}",
-                bound.grpc, bound.metrics
+                "fleetgate-ingest ready grpc={} metrics={} quic={}",
+                bound.grpc, bound.metrics, bound.quic
             );
         })
         .await

@@ -2,15 +2,21 @@
 //! Pure and synchronous, so it can be benchmarked and property-tested without I/O.
 //! Guarantees: the size limit is applied before any decoding; identity comes only
 //! from the caller (the certificate), and a payload naming another device or fleet
-//! is refused as a whole; every refused event carries exactly one reason.
+//! is refused as a whole; every refused event carries exactly one reason; an event
+//! reaches the sequence stage only if it passed every other check, and is then
+//! reserved in its device's anti-replay window (the caller commits or releases it).
 
 use fleetgate_proto::{Location, TelemetryBatch, TelemetryEvent};
 use prost::Message;
 use serde::{Deserialize, Serialize};
 
+use std::sync::Arc;
+
 use crate::catalog::{SignalCatalog, SignalError};
+use crate::freshness::FreshnessWindow;
 use crate::identity::DeviceIdentity;
 use crate::reject::RejectReason;
+use crate::replay::{ReplayWindows, SeqStatus};
 
 /// Structural limits applied to every frame.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -62,23 +68,41 @@ pub enum Checked {
     },
 }
 
-/// Decode and validation stages, configured once at start-up.
+/// Decode, validation, freshness and sequence stages, configured once at start-up.
 #[derive(Debug, Clone)]
 pub struct Pipeline {
     limits: Limits,
     catalog: SignalCatalog,
+    freshness: FreshnessWindow,
+    replay: Arc<ReplayWindows>,
 }
 
 impl Pipeline {
-    pub fn new(limits: Limits, catalog: SignalCatalog) -> Self {
-        Self { limits, catalog }
+    pub fn new(
+        limits: Limits,
+        catalog: SignalCatalog,
+        freshness: FreshnessWindow,
+        replay: Arc<ReplayWindows>,
+    ) -> Self {
+        Self {
+            limits,
+            catalog,
+            freshness,
+            replay,
+        }
     }
 
     pub fn limits(&self) -> &Limits {
         &self.limits
     }
 
-    pub fn check(&self, identity: &DeviceIdentity, frame: &[u8]) -> Checked {
+    /// The windows in which accepted events were reserved (commit/release them).
+    pub fn replay(&self) -> &Arc<ReplayWindows> {
+        &self.replay
+    }
+
+    /// Checks one frame received at server time `now_ms`.
+    pub fn check(&self, identity: &DeviceIdentity, frame: &[u8], now_ms: i64) -> Checked {
         if frame.len() > self.limits.max_frame_bytes {
             return refused(
                 0,
@@ -94,17 +118,52 @@ impl Pipeline {
             Ok(b) => b,
             Err(e) => return refused(0, RejectReason::DecodeError, e.to_string()),
         };
-        if let Some(refusal) = self.check_batch(identity, &batch) {
+        if let Some(refusal) = self.check_batch(identity, &batch, now_ms) {
             return Checked::Refused {
                 batch_id: batch.batch_id,
                 refusal,
             };
         }
-        let verdicts = batch.events.iter().map(|e| self.check_event(e)).collect();
+        let mut verdicts: Vec<Result<(), Refusal>> = batch
+            .events
+            .iter()
+            .map(|e| {
+                self.check_event(e)?;
+                self.freshness.check(e.captured_at_ms, now_ms).map_err(|r| {
+                    Refusal::new(
+                        r,
+                        format!("captured_at_ms {} vs server {now_ms}", e.captured_at_ms),
+                    )
+                })
+            })
+            .collect();
+        self.replay
+            .with(&identity.fleet_id, &identity.device_id, |window| {
+                for (event, verdict) in batch.events.iter().zip(verdicts.iter_mut()) {
+                    if verdict.is_err() {
+                        continue;
+                    }
+                    let reason = match window.reserve(event.seq) {
+                        SeqStatus::New => continue,
+                        SeqStatus::Duplicate => RejectReason::Duplicate,
+                        SeqStatus::InFlight => RejectReason::DuplicateInFlight,
+                        SeqStatus::TooOld => RejectReason::ReplayOutsideWindow,
+                    };
+                    *verdict = Err(Refusal::new(
+                        reason,
+                        format!("seq {} (highest seen {})", event.seq, window.highest()),
+                    ));
+                }
+            });
         Checked::Events { batch, verdicts }
     }
 
-    fn check_batch(&self, identity: &DeviceIdentity, batch: &TelemetryBatch) -> Option<Refusal> {
+    fn check_batch(
+        &self,
+        identity: &DeviceIdentity,
+        batch: &TelemetryBatch,
+        now_ms: i64,
+    ) -> Option<Refusal> {
         if !self
             .limits
             .supported_schema_versions
@@ -136,6 +195,12 @@ impl Pipeline {
                     batch.events.len(),
                     self.limits.max_events_per_batch
                 ),
+            ));
+        }
+        if let Err(reason) = self.freshness.check(batch.sent_at_ms, now_ms) {
+            return Some(Refusal::new(
+                reason,
+                format!("sent_at_ms {} vs server {now_ms}", batch.sent_at_ms),
             ));
         }
         None
@@ -220,14 +285,25 @@ mod tests {
         }
     }
 
+    const NOW: i64 = 1_700_000_000_000;
+
     fn pipeline() -> Pipeline {
-        Pipeline::new(Limits::default(), SignalCatalog::new(default_signals()))
+        with_limits(Limits::default())
+    }
+
+    fn with_limits(limits: Limits) -> Pipeline {
+        Pipeline::new(
+            limits,
+            SignalCatalog::new(default_signals()),
+            FreshnessWindow::new(&crate::freshness::FreshnessConfig::default()),
+            ReplayWindows::new(1024),
+        )
     }
 
     fn event(seq: u64, speed: f64) -> TelemetryEvent {
         TelemetryEvent {
             seq,
-            captured_at_ms: 1_700_000_000_000,
+            captured_at_ms: NOW - 1_000,
             signals: vec![Signal {
                 name: "speed_kph".into(),
                 value: Some(Value::F64(speed)),
@@ -240,7 +316,7 @@ mod tests {
         TelemetryBatch {
             schema_version: 1,
             batch_id: 7,
-            sent_at_ms: 1_700_000_000_000,
+            sent_at_ms: NOW,
             events,
             ..Default::default()
         }
@@ -259,7 +335,7 @@ mod tests {
     #[test]
     fn valid_events_pass_and_bad_ones_get_their_own_reason() {
         let b = batch(vec![event(1, 50.0), event(2, 999.0), event(3, 60.0)]);
-        let out = pipeline().check(&identity(), &b.encode_to_vec());
+        let out = pipeline().check(&identity(), &b.encode_to_vec(), NOW);
         assert_eq!(
             reasons(&out),
             vec![None, Some(RejectReason::FieldOutOfRange), None]
@@ -272,9 +348,9 @@ mod tests {
             max_frame_bytes: 16,
             ..Default::default()
         };
-        let p = Pipeline::new(limits, SignalCatalog::new(default_signals()));
+        let p = with_limits(limits);
         // Garbage that would be a decode error if it were decoded.
-        let out = p.check(&identity(), &[0xff; 17]);
+        let out = p.check(&identity(), &[0xff; 17], NOW);
         assert_eq!(reasons(&out), vec![Some(RejectReason::FrameTooLarge)]);
     }
 
@@ -282,32 +358,32 @@ mod tests {
     fn batch_level_refusals() {
         let p = pipeline();
         assert_eq!(
-            reasons(&p.check(&identity(), &[0xff, 0xff, 0xff])),
+            reasons(&p.check(&identity(), &[0xff, 0xff, 0xff], NOW)),
             vec![Some(RejectReason::DecodeError)]
         );
         let mut b = batch(vec![event(1, 1.0)]);
         b.schema_version = 9;
         assert_eq!(
-            reasons(&p.check(&identity(), &b.encode_to_vec())),
+            reasons(&p.check(&identity(), &b.encode_to_vec(), NOW)),
             vec![Some(RejectReason::SchemaUnknown)]
         );
         let mut b = batch(vec![event(1, 1.0)]);
         b.device_id = "someone-else".into();
         assert_eq!(
-            reasons(&p.check(&identity(), &b.encode_to_vec())),
+            reasons(&p.check(&identity(), &b.encode_to_vec(), NOW)),
             vec![Some(RejectReason::IdentityMismatch)]
         );
         let mut b = batch(vec![event(1, 1.0)]);
         b.fleet_id = "other-fleet".into();
         assert_eq!(
-            reasons(&p.check(&identity(), &b.encode_to_vec())),
+            reasons(&p.check(&identity(), &b.encode_to_vec(), NOW)),
             vec![Some(RejectReason::IdentityMismatch)]
         );
         let mut b = batch(vec![event(1, 1.0)]);
         b.device_id = "d1".into();
         b.fleet_id = "f1".into();
         assert_eq!(
-            reasons(&p.check(&identity(), &b.encode_to_vec())),
+            reasons(&p.check(&identity(), &b.encode_to_vec(), NOW)),
             vec![None]
         );
     }
@@ -328,6 +404,7 @@ mod tests {
         let out = p.check(
             &identity(),
             &batch(vec![unknown, repeated, bad_loc, zero_seq]).encode_to_vec(),
+            NOW,
         );
         assert_eq!(
             reasons(&out),
@@ -340,12 +417,53 @@ mod tests {
         );
     }
 
+    #[test]
+    fn freshness_and_sequence_stages() {
+        let p = pipeline();
+        let mut old = event(1, 1.0);
+        old.captured_at_ms = NOW - 301_000;
+        let mut future = event(2, 1.0);
+        future.captured_at_ms = NOW + 31_000;
+        let out = p.check(
+            &identity(),
+            &batch(vec![old, future, event(3, 1.0), event(3, 1.0)]).encode_to_vec(),
+            NOW,
+        );
+        assert_eq!(
+            reasons(&out),
+            vec![
+                Some(RejectReason::Stale),
+                Some(RejectReason::FromFuture),
+                None,
+                Some(RejectReason::DuplicateInFlight),
+            ]
+        );
+        p.replay()
+            .with(&identity().fleet_id, &identity().device_id, |w| w.commit(3));
+        let again = p.check(
+            &identity(),
+            &batch(vec![event(3, 1.0), event(2, 1.0)]).encode_to_vec(),
+            NOW,
+        );
+        assert_eq!(
+            reasons(&again),
+            vec![Some(RejectReason::Duplicate), None],
+            "rejected seq 2 was never reserved"
+        );
+        let mut stale_batch = batch(vec![event(9, 1.0)]);
+        stale_batch.sent_at_ms = NOW - 3_600_000;
+        assert_eq!(
+            reasons(&p.check(&identity(), &stale_batch.encode_to_vec(), NOW)),
+            vec![Some(RejectReason::Stale)]
+        );
+    }
+
     proptest! {
         // Whatever bytes arrive, the pipeline answers with a verdict and never panics;
         // and a refused frame never yields accepted events.
         #[test]
         fn arbitrary_bytes_never_panic(frame in proptest::collection::vec(any::<u8>(), 0..2048)) {
-            match pipeline().check(&identity(), &frame) {
+            match pipeline().check(&identity(), &frame, NOW) {
                 Checked::Refused { .. } => {}
                 Checked::Events { batch, verdicts } => prop_assert_eq!(batch.events.len(), verdicts.len()),
             }
@@ -354,7 +472,7 @@ mod tests {
         // An in-range speed is accepted and an out-of-range one refused, for any value.
         #[test]
         fn speed_bounds_are_exact(speed in -1000.0f64..1000.0) {
-            let out = pipeline().check(&identity(), &batch(vec![event(1, speed)]).encode_to_vec());
+            let out = pipeline().check(&identity(), &batch(vec![event(1, speed)]).encode_to_vec(), NOW);
             let ok = (0.0..=400.0).contains(&speed);
             prop_assert_eq!(reasons(&out), vec![if ok { None } else { Some(RejectReason::FieldOutOfRange) }]);
         }

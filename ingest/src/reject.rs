@@ -14,6 +14,16 @@ pub enum RejectReason {
     FieldOutOfRange,
     SignalUnknown,
     IdentityMismatch,
+    /// Device timestamp older than the freshness window allows.
+    Stale,
+    /// Device timestamp further ahead than the freshness window allows.
+    FromFuture,
+    /// Seq already delivered: acknowledged as accepted, never published twice.
+    Duplicate,
+    /// Seq reserved by a delivery still under way; retry later.
+    DuplicateInFlight,
+    /// Seq below the anti-replay window: indistinguishable from a replay.
+    ReplayOutsideWindow,
     /// Kafka's local queue is full; nothing was enqueued for this event.
     Overloaded,
     /// Kafka did not acknowledge the record in time; the device should retry.
@@ -21,7 +31,7 @@ pub enum RejectReason {
 }
 
 impl RejectReason {
-    pub const ALL: [RejectReason; 9] = [
+    pub const ALL: [RejectReason; 14] = [
         Self::FrameTooLarge,
         Self::DecodeError,
         Self::SchemaUnknown,
@@ -29,6 +39,11 @@ impl RejectReason {
         Self::FieldOutOfRange,
         Self::SignalUnknown,
         Self::IdentityMismatch,
+        Self::Stale,
+        Self::FromFuture,
+        Self::Duplicate,
+        Self::DuplicateInFlight,
+        Self::ReplayOutsideWindow,
         Self::Overloaded,
         Self::DeliveryFailed,
     ];
@@ -42,6 +57,11 @@ impl RejectReason {
             Self::FieldOutOfRange => "field_out_of_range",
             Self::SignalUnknown => "signal_unknown",
             Self::IdentityMismatch => "identity_mismatch",
+            Self::Stale => "stale",
+            Self::FromFuture => "from_future",
+            Self::Duplicate => "duplicate",
+            Self::DuplicateInFlight => "duplicate_in_flight",
+            Self::ReplayOutsideWindow => "replay_outside_window",
             Self::Overloaded => "overloaded",
             Self::DeliveryFailed => "delivery_failed",
         }
@@ -50,7 +70,8 @@ impl RejectReason {
     /// Whether the device should send the same event again later.
     pub const fn verdict(self) -> Verdict {
         match self {
-            Self::Overloaded | Self::DeliveryFailed => Verdict::Retry,
+            Self::Duplicate => Verdict::Accepted,
+            Self::Overloaded | Self::DeliveryFailed | Self::DuplicateInFlight => Verdict::Retry,
             _ => Verdict::Rejected,
         }
     }

@@ -64,7 +64,7 @@ impl BatchHandler {
         let transport = conn.transport;
         let frame_len = frame.len();
         let retry_after_ms = self.retry_after.as_millis().min(u32::MAX as u128) as u32;
-        match self.pipeline.check(&conn.identity, frame) {
+        match self.pipeline.check(&conn.identity, frame, received_at_ms) {
             Checked::Refused { batch_id, refusal } => {
                 let base = batch_provenance(&self.node_id, conn, session, received_at_ms, 0, 0);
                 let audit = self.audit(
@@ -118,6 +118,12 @@ impl BatchHandler {
                 let mut slots = Vec::with_capacity(batch.events.len());
                 let mut audits = Vec::new();
                 let mut halted: Option<RejectReason> = None;
+                let replay = self.pipeline.replay().clone();
+                let (fleet, device) = (
+                    conn.identity.fleet_id.clone(),
+                    conn.identity.device_id.clone(),
+                );
+                let mut unreserve = Vec::new();
                 for (event, verdict) in batch.events.into_iter().zip(verdicts) {
                     let seq = event.seq;
                     match verdict {
@@ -131,12 +137,28 @@ impl BatchHandler {
                         }
                         Ok(()) => {
                             if let Some(reason) = halted {
+                                unreserve.push(seq);
                                 slots.push(Slot::Done(seq, reason));
                                 continue;
                             }
                             match self.sink.enqueue(event_record(&base, event)) {
-                                Ok(d) => slots.push(Slot::Pending(seq, timed(d))),
+                                Ok(d) => {
+                                    let (replay, fleet, device) =
+                                        (replay.clone(), fleet.clone(), device.clone());
+                                    // Seen for good only once Kafka acked; a failure frees the seq for the retry.
+                                    let settled = timed(d)
+                                        .map(move |r| {
+                                            replay.with(&fleet, &device, |w| match &r {
+                                                Ok(()) => w.commit(seq),
+                                                Err(_) => w.release(seq),
+                                            });
+                                            r
+                                        })
+                                        .boxed();
+                                    slots.push(Slot::Pending(seq, settled));
+                                }
                                 Err(e) => {
+                                    unreserve.push(seq);
                                     let reason = match e {
                                         EnqueueError::QueueFull => RejectReason::Overloaded,
                                         EnqueueError::Refused(_) => RejectReason::DeliveryFailed,
@@ -148,6 +170,11 @@ impl BatchHandler {
                             }
                         }
                     }
+                }
+                if !unreserve.is_empty() {
+                    replay.with(&fleet, &device, |w| {
+                        unreserve.iter().for_each(|s| w.release(*s))
+                    });
                 }
                 async move {
                     let audits = join_all(audits);

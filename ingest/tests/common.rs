@@ -133,3 +133,21 @@ pub fn all_accepted(ack: &BatchAck) -> bool {
     ack.batch_verdict() == Verdict::Accepted
         && ack.events.iter().all(|e| e.verdict() == Verdict::Accepted)
 }
+
+/// QUIC counterparts of [`Stack::device`] and [`Stack::connect`].
+impl Stack {
+    pub async fn quic_device(&self, fleet: &str, device: &str) -> fleetgate_client::QuicDevice {
+        let issued = self.pki.device(fleet, device);
+        self.quic_connect(Some(&issued))
+            .await
+            .expect("device connects over QUIC")
+    }
+
+    pub async fn quic_connect(
+        &self,
+        issued: Option<&Issued>,
+    ) -> Result<fleetgate_client::QuicDevice, fleetgate_client::ClientError> {
+        fleetgate_client::QuicDevice::connect(self.ingest.quic, &client_tls(&self.pki, issued))
+            .await
+    }
+}

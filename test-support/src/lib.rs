@@ -237,6 +237,7 @@ pub struct Ingest {
     child: Child,
     pub grpc: SocketAddr,
     pub metrics: SocketAddr,
+    pub quic: SocketAddr,
     stderr_path: PathBuf,
     _dir: tempfile::TempDir,
 }
@@ -260,6 +261,7 @@ impl Ingest {
             .env("FLEETGATE_LOG", "info,rdkafka=warn")
             .env("FLEETGATE_LOG_FORMAT", "text")
             .env("FLEETGATE_GRPC__LISTEN", "127.0.0.1:0")
+            .env("FLEETGATE_QUIC__LISTEN", "127.0.0.1:0")
             .env("FLEETGATE_METRICS__LISTEN", "127.0.0.1:0")
             .envs(env.iter().copied())
             .stdout(Stdio::piped())
@@ -295,6 +297,7 @@ impl Ingest {
         Ok(Self {
             grpc: field("grpc=")?,
             metrics: field("metrics=")?,
+            quic: field("quic=")?,
             child,
             stderr_path,
             _dir: dir,
