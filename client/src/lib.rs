@@ -3,8 +3,10 @@
 //! [`QuicDevice`] does the same over QUIC (one stream per batch).
 //! Used by the load generator, the demo fleet and the integration tests.
 
+mod device;
 mod quic;
 
+pub use device::{Device, FlushReport, Target};
 pub use quic::{QuicDevice, ALPN as QUIC_ALPN};
 
 use std::time::Duration;

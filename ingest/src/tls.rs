@@ -118,6 +118,10 @@ fn build_webpki(
     Ok(
         WebPkiClientVerifier::builder_with_provider(roots.clone(), provider.clone())
             .with_crls(crls)
+            // Revocation is about device certificates; a fleet CA without a CRL
+            // configured must not lock out its devices.
+            .only_check_end_entity_revocation()
+            .allow_unknown_revocation_status()
             .build()?,
     )
 }

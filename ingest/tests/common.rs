@@ -4,7 +4,7 @@
 use std::path::Path;
 use std::time::{SystemTime, UNIX_EPOCH};
 
-use fleetgate_client::{ClientTls, GrpcDevice};
+use fleetgate_client::{ClientError, ClientTls, GrpcDevice};
 use fleetgate_pki::Issued;
 use fleetgate_proto::{
     signal::Value, BatchAck, Location, SessionContext, Signal, TelemetryBatch, TelemetryEvent,
@@ -150,4 +150,98 @@ impl Stack {
         fleetgate_client::QuicDevice::connect(self.ingest.quic, &client_tls(&self.pki, issued))
             .await
     }
+}
+
+/// The device-facing transports; the conformance suite runs every test on each.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Wire {
+    Grpc,
+    Quic,
+}
+
+impl Wire {
+    /// The `transport` label on metrics, provenance and record headers.
+    pub fn label(self) -> &'static str {
+        match self {
+            Wire::Grpc => "grpc",
+            Wire::Quic => "quic",
+        }
+    }
+}
+
+/// A device connected over either transport.
+pub enum AnyDevice {
+    Grpc(GrpcDevice),
+    Quic(fleetgate_client::QuicDevice),
+}
+
+impl AnyDevice {
+    pub async fn send(&mut self, batch: &TelemetryBatch) -> Result<BatchAck, ClientError> {
+        match self {
+            AnyDevice::Grpc(d) => d.send(batch).await,
+            AnyDevice::Quic(d) => d.send(batch).await,
+        }
+    }
+
+    pub async fn send_raw(&mut self, frame: bytes::Bytes) -> Result<BatchAck, ClientError> {
+        match self {
+            AnyDevice::Grpc(d) => d.send_raw(frame).await,
+            AnyDevice::Quic(d) => d.send_raw(frame).await,
+        }
+    }
+
+    /// Closes a QUIC connection politely; a gRPC device is simply dropped.
+    pub async fn close(self) {
+        if let AnyDevice::Quic(d) = self {
+            d.close().await;
+        }
+    }
+}
+
+/// Transport-generic counterparts of [`Stack::device`] and [`Stack::connect`].
+impl Stack {
+    pub async fn device_on(&self, wire: Wire, fleet: &str, device: &str) -> AnyDevice {
+        let issued = self.pki.device(fleet, device);
+        self.connect_on(wire, Some(&issued))
+            .await
+            .unwrap_or_else(|e| panic!("device connects over {}: {e}", wire.label()))
+    }
+
+    pub async fn connect_on(
+        &self,
+        wire: Wire,
+        issued: Option<&Issued>,
+    ) -> Result<AnyDevice, ClientError> {
+        match wire {
+            Wire::Grpc => self.connect(issued).await.map(AnyDevice::Grpc),
+            Wire::Quic => self.quic_connect(issued).await.map(AnyDevice::Quic),
+        }
+    }
+
+    /// A series of `name` restricted to `wire`'s transport label (plus `labels`).
+    pub fn metric_on(&self, wire: Wire, name: &str, labels: &[(&str, &str)]) -> f64 {
+        let mut all = vec![("transport", wire.label())];
+        all.extend_from_slice(labels);
+        self.ingest.metric(name, &all).expect("metrics scrape")
+    }
+
+    /// Handshakes on `wire` with any outcome other than `ok`.
+    pub fn handshake_refusals(&self, wire: Wire) -> f64 {
+        let total = self.metric_on(wire, "fleetgate_handshakes_total", &[]);
+        total - self.metric_on(wire, "fleetgate_handshakes_total", &[("outcome", "ok")])
+    }
+}
+
+/// Polls `f` (every 100 ms, up to 5 s) until it returns at least `min`; returns the
+/// last value. Server-side counters may lag what the client already observed.
+pub async fn eventually_at_least(min: f64, mut f: impl FnMut() -> f64) -> f64 {
+    let mut v = f();
+    for _ in 0..50 {
+        if v >= min {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+        v = f();
+    }
+    v
 }

@@ -1,16 +1,17 @@
-//! Drives one synthetic fleet: one task and one mTLS connection per device, batches
-//! sent in order, RETRY verdicts re-sent after the server's hint with a bounded
-//! number of attempts.
+//! Drives one synthetic fleet: one task and one mTLS connection per device (gRPC or
+//! QUIC), batches sent in order, RETRY verdicts re-sent after the server's hint with
+//! a bounded number of attempts.
 
 use std::collections::HashMap;
+use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use anyhow::Context;
-use fleetgate_client::{ClientTls, GrpcDevice};
+use fleetgate_client::{ClientError, ClientTls, GrpcDevice, QuicDevice};
 use fleetgate_loadgen::drive::Drive;
 use fleetgate_loadgen::report::DeviceOutcome;
-use fleetgate_proto::{SessionContext, TelemetryBatch, TelemetryEvent, Verdict};
+use fleetgate_proto::{BatchAck, SessionContext, TelemetryBatch, TelemetryEvent, Verdict};
 use rand::{rngs::StdRng, SeedableRng};
 use tokio::task::JoinSet;
 
@@ -19,10 +20,60 @@ const CAPTURE_SPACING_MS: i64 = 10;
 /// Floor for the retry back-off when the server sends no hint.
 const MIN_RETRY_DELAY: Duration = Duration::from_millis(50);
 
+/// Where and how devices connect to ingest.
+#[derive(Debug, Clone)]
+pub enum Target {
+    /// gRPC `Publish` stream, e.g. `https://localhost:7443`.
+    Grpc { endpoint: String },
+    /// QUIC (ALPN `fleetgate/1`), one stream per batch.
+    Quic { addr: SocketAddr },
+}
+
+impl Target {
+    /// `grpc` or `quic`, as written in the report.
+    pub fn transport(&self) -> &'static str {
+        match self {
+            Target::Grpc { .. } => "grpc",
+            Target::Quic { .. } => "quic",
+        }
+    }
+}
+
+/// One device connection over either transport; the batch, ack and retry logic
+/// above it is shared.
+enum Conn {
+    Grpc(GrpcDevice),
+    Quic(QuicDevice),
+}
+
+impl Conn {
+    async fn connect(target: &Target, tls: &ClientTls) -> Result<Self, ClientError> {
+        Ok(match target {
+            Target::Grpc { endpoint } => Conn::Grpc(GrpcDevice::connect(endpoint, tls).await?),
+            Target::Quic { addr } => Conn::Quic(QuicDevice::connect(*addr, tls).await?),
+        })
+    }
+
+    async fn send(&mut self, batch: &TelemetryBatch) -> Result<BatchAck, ClientError> {
+        match self {
+            Conn::Grpc(c) => c.send(batch).await,
+            Conn::Quic(c) => c.send(batch).await,
+        }
+    }
+
+    /// Closes a QUIC connection gracefully; a gRPC stream just ends when dropped.
+    async fn close(self) {
+        match self {
+            Conn::Grpc(_) => {}
+            Conn::Quic(c) => c.close().await,
+        }
+    }
+}
+
 /// What every device of the fleet shares.
 #[derive(Debug, Clone)]
 pub struct FleetPlan {
-    pub endpoint: String,
+    pub target: Target,
     pub server_name: String,
     pub batches: u64,
     pub events_per_batch: u64,
@@ -69,12 +120,14 @@ pub fn load_credentials(
         .collect()
 }
 
-/// Runs every device concurrently and returns their outcomes.
+/// Runs every device concurrently and returns their outcomes and the time until the
+/// last device had its last ack (connection shutdown is not counted).
 pub async fn run_fleet(
     plan: FleetPlan,
     server_ca_pem: String,
     devices: Vec<DeviceCredentials>,
-) -> Vec<DeviceOutcome> {
+) -> (Vec<DeviceOutcome>, Duration) {
+    let started = Instant::now();
     let mut tasks = JoinSet::new();
     for creds in devices {
         let plan = plan.clone();
@@ -86,27 +139,42 @@ pub async fn run_fleet(
         tasks.spawn(run_device(plan, tls, creds.device_id));
     }
     let mut outcomes = Vec::new();
+    let mut conns = Vec::new();
     while let Some(joined) = tasks.join_next().await {
-        outcomes.push(joined.unwrap_or_else(|e| DeviceOutcome {
-            error: Some(format!("device task failed: {e}")),
-            ..Default::default()
-        }));
+        match joined {
+            Ok((outcome, conn)) => {
+                outcomes.push(outcome);
+                conns.extend(conn);
+            }
+            Err(e) => outcomes.push(DeviceOutcome {
+                error: Some(format!("device task failed: {e}")),
+                ..Default::default()
+            }),
+        }
     }
-    outcomes
+    let elapsed = started.elapsed();
+    futures::future::join_all(conns.into_iter().map(Conn::close)).await;
+    (outcomes, elapsed)
 }
 
-async fn run_device(plan: FleetPlan, tls: ClientTls, device_id: String) -> DeviceOutcome {
+/// One device's run; the connection is handed back (when it was made) so the caller
+/// can close it after timing the run.
+async fn run_device(
+    plan: FleetPlan,
+    tls: ClientTls,
+    device_id: String,
+) -> (DeviceOutcome, Option<Conn>) {
     let planned = plan.batches * plan.events_per_batch;
     let mut out = DeviceOutcome {
         events_sent: planned,
         ..Default::default()
     };
-    let mut conn = match GrpcDevice::connect(&plan.endpoint, &tls).await {
+    let mut conn = match Conn::connect(&plan.target, &tls).await {
         Ok(c) => c,
         Err(e) => {
             out.error = Some(format!("{device_id}: {}", error_chain(&e)));
             out.rejected.insert("not_sent".into(), planned);
-            return out;
+            return (out, None);
         }
     };
     let mut rng = StdRng::from_os_rng();
@@ -133,21 +201,21 @@ async fn run_device(plan: FleetPlan, tls: ClientTls, device_id: String) -> Devic
         .await
         {
             let unsent = (plan.batches - b - 1) * plan.events_per_batch;
-            out.error = Some(format!("{device_id}: {e}"));
+            out.error = Some(format!("{device_id}: {e:#}"));
             *out.rejected.entry("not_sent".into()).or_default() += unsent;
-            return out;
+            return (out, Some(conn));
         }
         if !plan.interval.is_zero() {
             tokio::time::sleep(plan.interval).await;
         }
     }
-    out
+    (out, Some(conn))
 }
 
 /// Sends `events` until each has a final verdict or attempts run out. On a stream
 /// error, the events still without a verdict are counted `not_acked`.
 async fn send_with_retries(
-    conn: &mut GrpcDevice,
+    conn: &mut Conn,
     plan: &FleetPlan,
     session: &SessionContext,
     mut pending: Vec<TelemetryEvent>,

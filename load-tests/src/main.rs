@@ -3,13 +3,13 @@
 mod fleet;
 
 use std::path::PathBuf;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use anyhow::{bail, Context};
-use clap::{Parser, Subcommand};
+use clap::{Parser, Subcommand, ValueEnum};
 use fleetgate_loadgen::report::Report;
 
-use crate::fleet::{load_credentials, run_fleet, FleetPlan};
+use crate::fleet::{load_credentials, run_fleet, FleetPlan, Target};
 
 #[derive(Parser)]
 #[command(version, about = "Load generator for fleetgate ingest")]
@@ -24,11 +24,25 @@ enum Command {
     Fleet(FleetArgs),
 }
 
+#[derive(Clone, Copy, ValueEnum)]
+enum Transport {
+    /// gRPC `Publish` stream over HTTP/2 (needs --endpoint).
+    Grpc,
+    /// QUIC, one stream per batch (needs --quic-addr).
+    Quic,
+}
+
 #[derive(clap::Args)]
 struct FleetArgs {
-    /// e.g. https://localhost:7443
+    #[arg(long, value_enum, default_value = "grpc")]
+    transport: Transport,
+    /// gRPC endpoint, e.g. https://localhost:7443 (for --transport grpc).
     #[arg(long)]
-    endpoint: String,
+    endpoint: Option<String>,
+    /// QUIC address HOST:PORT, e.g. 127.0.0.1:7444 (for --transport quic). A host name
+    /// is resolved once and its first address used; the TLS name is --server-name.
+    #[arg(long)]
+    quic_addr: Option<String>,
     /// Directory made by `fleetgate-pki init` (ca.pem) and `fleetgate-pki device`.
     #[arg(long)]
     pki_dir: PathBuf,
@@ -71,6 +85,24 @@ async fn main() -> anyhow::Result<()> {
     {
         bail!("--devices, --batches, --events-per-batch and --max-attempts must be at least 1");
     }
+    let target = match args.transport {
+        Transport::Grpc => Target::Grpc {
+            endpoint: args
+                .endpoint
+                .context("--transport grpc needs --endpoint (e.g. https://localhost:7443)")?,
+        },
+        Transport::Quic => {
+            let hostport = args
+                .quic_addr
+                .context("--transport quic needs --quic-addr HOST:PORT (e.g. 127.0.0.1:7444)")?;
+            let addr = tokio::net::lookup_host(hostport.as_str())
+                .await
+                .with_context(|| format!("resolving --quic-addr {hostport}"))?
+                .next()
+                .with_context(|| format!("--quic-addr {hostport} resolves to no address"))?;
+            Target::Quic { addr }
+        }
+    };
     let ca_path = args.pki_dir.join("ca.pem");
     let server_ca_pem = std::fs::read_to_string(&ca_path)
         .with_context(|| format!("reading {}", ca_path.display()))?;
@@ -80,8 +112,9 @@ async fn main() -> anyhow::Result<()> {
         &args.device_prefix,
         args.devices,
     )?;
+    let transport = target.transport();
     let plan = FleetPlan {
-        endpoint: args.endpoint,
+        target,
         server_name: args.server_name,
         batches: args.batches,
         events_per_batch: args.events_per_batch,
@@ -93,9 +126,8 @@ async fn main() -> anyhow::Result<()> {
             .unwrap_or_else(|| format!("vc-{}-2024a", args.fleet)),
     };
 
-    let started = Instant::now();
-    let outcomes = run_fleet(plan, server_ca_pem, devices).await;
-    let report = Report::new(&args.fleet, outcomes, started.elapsed());
+    let (outcomes, elapsed) = run_fleet(plan, server_ca_pem, devices).await;
+    let report = Report::new(&args.fleet, transport, outcomes, elapsed);
     print!("{report}");
     if let Some(path) = &args.json {
         std::fs::write(path, serde_json::to_string_pretty(&report)?)

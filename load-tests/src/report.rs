@@ -54,6 +54,8 @@ impl Latency {
 #[derive(Debug, Clone, Default, PartialEq, Serialize)]
 pub struct Report {
     pub fleet: String,
+    /// `grpc` or `quic`.
+    pub transport: String,
     pub devices: usize,
     pub devices_failed: usize,
     pub batches: u64,
@@ -69,9 +71,15 @@ pub struct Report {
 }
 
 impl Report {
-    pub fn new(fleet: &str, outcomes: Vec<DeviceOutcome>, elapsed: Duration) -> Self {
+    pub fn new(
+        fleet: &str,
+        transport: &str,
+        outcomes: Vec<DeviceOutcome>,
+        elapsed: Duration,
+    ) -> Self {
         let mut r = Report {
             fleet: fleet.to_owned(),
+            transport: transport.to_owned(),
             devices: outcomes.len(),
             elapsed_s: elapsed.as_secs_f64(),
             ..Report::default()
@@ -108,7 +116,7 @@ impl Report {
 impl fmt::Display for Report {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let l = &self.batch_ack_latency;
-        writeln!(f, "fleet {}", self.fleet)?;
+        writeln!(f, "fleet {} over {}", self.fleet, self.transport)?;
         writeln!(
             f,
             "  devices        {} ({} failed)",
@@ -162,9 +170,10 @@ mod tests {
         let mut bad = ok.clone();
         bad.accepted = 8;
         bad.rejected.insert("delivery_failed".into(), 2);
-        let r = Report::new("f", vec![ok.clone(), bad], Duration::from_secs(1));
+        let r = Report::new("f", "grpc", vec![ok.clone(), bad], Duration::from_secs(1));
         assert_eq!((r.events_sent, r.accepted, r.rejected), (20, 18, 2));
         assert!(!r.all_accepted());
-        assert!(Report::new("f", vec![ok], Duration::from_secs(1)).all_accepted());
+        assert_eq!(r.transport, "grpc");
+        assert!(Report::new("f", "quic", vec![ok], Duration::from_secs(1)).all_accepted());
     }
 }

@@ -392,6 +392,16 @@ pub fn read_topic(
     want: usize,
     timeout: Duration,
 ) -> anyhow::Result<Vec<OwnedMessage>> {
+    read_topic_until(bootstrap, topic, timeout, |records| records.len() >= want)
+}
+
+/// Reads `topic` from the beginning until `done(records so far)` or `timeout`.
+pub fn read_topic_until(
+    bootstrap: &str,
+    topic: &str,
+    timeout: Duration,
+    mut done: impl FnMut(&[OwnedMessage]) -> bool,
+) -> anyhow::Result<Vec<OwnedMessage>> {
     let consumer: BaseConsumer = ClientConfig::new()
         .set("bootstrap.servers", bootstrap)
         .set("group.id", "fleetgate-test-reader")
@@ -414,7 +424,7 @@ pub fn read_topic(
     consumer.assign(&tpl)?;
     let mut out = Vec::new();
     let deadline = Instant::now() + timeout;
-    while out.len() < want && Instant::now() < deadline {
+    while !done(&out) && Instant::now() < deadline {
         if let Some(msg) = consumer.poll(Duration::from_millis(200)) {
             out.push(msg?.detach());
         }

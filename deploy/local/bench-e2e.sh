@@ -1,0 +1,185 @@
+#!/usr/bin/env bash
+# End-to-end throughput/latency bench: tansu broker (memory storage) -> dev PKI ->
+# fleetgate-ingest (release) -> fleetgate-loadgen once over gRPC, once over QUIC.
+# Prints one summary line per transport; reports and logs go to .local/bench.
+#
+# Parameters (environment):
+#   DEVICES=50 BATCHES=40 EVENTS_PER_BATCH=50   load shape, per transport run
+#   TRANSPORTS="grpc quic"                       which runs, in order
+#   MAX_ATTEMPTS=5 INTERVAL_MS=0                 passed to loadgen
+#
+# Each transport uses its own fleet (bench-grpc, bench-quic) so the two runs do not
+# share device sequence numbers (ingest would reject the second run as replays).
+set -euo pipefail
+
+root="$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)"
+cd "$root"
+
+DEVICES="${DEVICES:-50}"
+BATCHES="${BATCHES:-40}"
+EVENTS_PER_BATCH="${EVENTS_PER_BATCH:-50}"
+TRANSPORTS="${TRANSPORTS:-grpc quic}"
+MAX_ATTEMPTS="${MAX_ATTEMPTS:-5}"
+INTERVAL_MS="${INTERVAL_MS:-0}"
+
+work="$root/.local/bench"
+bin="${CARGO_TARGET_DIR:-$root/target}/release"
+pids=()
+
+cleanup() {
+    local status=$?
+    for pid in "${pids[@]}"; do
+        kill "$pid" 2>/dev/null || true
+    done
+    for pid in "${pids[@]}"; do
+        wait "$pid" 2>/dev/null || true
+    done
+    if [[ $status -ne 0 ]]; then
+        echo "bench failed (exit $status); logs in $work/" >&2
+    fi
+    exit "$status"
+}
+trap cleanup EXIT
+trap 'exit 130' INT
+trap 'exit 143' TERM
+
+step() { printf '==> %s\n' "$*" >&2; }
+
+free_port() {
+    python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1]); s.close()'
+}
+
+wait_for_port() {
+    local port=$1 deadline=$((SECONDS + 30))
+    until python3 -c "import socket,sys; socket.create_connection(('127.0.0.1', $port), 1)" 2>/dev/null; do
+        if ((SECONDS > deadline)); then
+            echo "nothing listening on 127.0.0.1:$port" >&2
+            return 1
+        fi
+        sleep 0.2
+    done
+}
+
+for t in $TRANSPORTS; do
+    case "$t" in
+        grpc | quic) ;;
+        *) echo "unknown transport '$t' in TRANSPORTS (use grpc and/or quic)" >&2; exit 2 ;;
+    esac
+done
+
+step "tansu"
+tansu="$(bash deploy/local/ensure-tansu.sh)"
+
+step "build (release)"
+cargo build --release --bin fleetgate-ingest --bin fleetgate-pki --bin fleetgate-loadgen
+
+rm -rf "$work"
+mkdir -p "$work"
+
+step "broker"
+kafka_port=$(free_port)
+bootstrap="127.0.0.1:$kafka_port"
+"$tansu" broker \
+    --listener-url "tcp://$bootstrap" \
+    --advertised-listener-url "tcp://$bootstrap" \
+    --storage-engine memory://tansu/ \
+    >"$work/tansu.log" 2>&1 &
+pids+=($!)
+wait_for_port "$kafka_port"
+for topic in telemetry.events.v1 telemetry.rejected.v1; do
+    "$tansu" topic create --broker "tcp://$bootstrap" --partitions 3 "$topic" >>"$work/tansu.log" 2>&1
+done
+
+step "pki ($DEVICES devices per transport)"
+pki="$work/pki"
+"$bin/fleetgate-pki" init --dir "$pki" >"$work/pki.log"
+for t in $TRANSPORTS; do
+    "$bin/fleetgate-pki" device --dir "$pki" --fleet "bench-$t" --device car --count "$DEVICES" >>"$work/pki.log"
+done
+
+step "ingest"
+cat >"$work/ingest.toml" <<TOML
+node_id = "bench-ingest-0"
+log_format = "text"
+
+[grpc]
+listen = "127.0.0.1:0"
+
+[quic]
+listen = "127.0.0.1:0"
+
+[metrics]
+listen = "127.0.0.1:0"
+
+[tls]
+server_cert = "$pki/server.pem"
+server_key = "$pki/server.key"
+client_ca = "$pki/ca.pem"
+trust_domain = "fleetgate.local"
+
+[kafka]
+bootstrap_servers = "$bootstrap"
+TOML
+FLEETGATE_LOG=warn "$bin/fleetgate-ingest" --config "$work/ingest.toml" \
+    >"$work/ingest.out" 2>"$work/ingest.log" &
+ingest_pid=$!
+pids+=("$ingest_pid")
+deadline=$((SECONDS + 30))
+until grep -q '^fleetgate-ingest ready' "$work/ingest.out"; do
+    if ! kill -0 "$ingest_pid" 2>/dev/null || ((SECONDS > deadline)); then
+        echo "ingest did not become ready:" >&2
+        tail -n 30 "$work/ingest.log" >&2
+        exit 1
+    fi
+    sleep 0.2
+done
+ready="$(grep -m1 '^fleetgate-ingest ready' "$work/ingest.out")"
+grpc_addr="$(sed -n 's/.* grpc=\([^ ]*\).*/\1/p' <<<"$ready")"
+quic_addr="$(sed -n 's/.* quic=\([^ ]*\).*/\1/p' <<<"$ready")"
+echo "$ready" >&2
+
+step "load: $DEVICES devices x $BATCHES batches x $EVENTS_PER_BATCH events per transport"
+failed=0
+for t in $TRANSPORTS; do
+    case "$t" in
+        grpc) target=(--endpoint "https://$grpc_addr") ;;
+        quic) target=(--quic-addr "$quic_addr") ;;
+    esac
+    if ! "$bin/fleetgate-loadgen" fleet \
+        --transport "$t" "${target[@]}" \
+        --pki-dir "$pki" \
+        --fleet "bench-$t" \
+        --devices "$DEVICES" \
+        --batches "$BATCHES" \
+        --events-per-batch "$EVENTS_PER_BATCH" \
+        --max-attempts "$MAX_ATTEMPTS" \
+        --interval-ms "$INTERVAL_MS" \
+        --json "$work/loadgen-$t.json" \
+        >"$work/loadgen-$t.txt" 2>"$work/loadgen-$t.log"; then
+        failed=1
+        echo "loadgen over $t did not get every event accepted:" >&2
+        cat "$work/loadgen-$t.txt" "$work/loadgen-$t.log" >&2
+    fi
+done
+
+for t in $TRANSPORTS; do
+    report="$work/loadgen-$t.json"
+    if [[ ! -f "$report" ]]; then
+        echo "$t: no report (see $work/loadgen-$t.log)"
+        failed=1
+        continue
+    fi
+    python3 - "$report" <<'PY'
+import json, sys
+r = json.load(open(sys.argv[1]))
+l = r["batch_ack_latency"]
+print(
+    f"{r['transport']:<5} events {r['accepted']}/{r['events_sent']} accepted"
+    f"  {r['elapsed_s']:.2f} s  {r['events_per_s']:.0f} events/s"
+    f"  ack p50 {l['p50_ms']:.1f} ms  p99 {l['p99_ms']:.1f} ms  max {l['max_ms']:.1f} ms"
+    f"  ({r['batches']} batches, {r['retried']} retried, {r['devices_failed']} devices failed)"
+)
+PY
+done
+echo "reports in $work" >&2
+exit "$failed"
