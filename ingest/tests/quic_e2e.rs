@@ -142,3 +142,52 @@ async fn slow_and_aborted_streams_are_reset_and_counted_without_hurting_the_conn
     assert!(all_accepted(&ack), "{ack:?}");
     dev.close().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connections_beyond_the_limit_are_refused_and_the_slot_frees_up() {
+    let stack = Stack::start("[quic]\nmax_connections = 1\n");
+    let first = stack.quic_device("fleet-a", "car-1").await;
+    assert!(all_accepted(
+        &first.send(&batch(1, vec![event(1, 1.0)])).await.unwrap()
+    ));
+
+    let second = stack.pki.device("fleet-a", "car-2");
+    let outcome = match stack.quic_connect(Some(&second)).await {
+        Err(e) => Err(e.to_string()),
+        Ok(d) => d
+            .send(&batch(1, vec![event(1, 1.0)]))
+            .await
+            .map(|_| ())
+            .map_err(|e| e.to_string()),
+    };
+    assert!(
+        outcome.is_err(),
+        "second connection must be refused: {outcome:?}"
+    );
+    assert!(
+        stack
+            .ingest
+            .metric(
+                "fleetgate_quic_connections_refused_total",
+                &[("reason", "max_connections")]
+            )
+            .unwrap()
+            >= 1.0
+    );
+    // The first device is unaffected; once it leaves, the slot is free again.
+    assert!(all_accepted(
+        &first.send(&batch(2, vec![event(2, 1.0)])).await.unwrap()
+    ));
+    first.close().await;
+    let mut admitted = false;
+    for _ in 0..50 {
+        if let Ok(d) = stack.quic_connect(Some(&second)).await {
+            if let Ok(ack) = d.send(&batch(1, vec![event(1, 1.0)])).await {
+                admitted = all_accepted(&ack);
+                break;
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(admitted, "a freed slot admits the next device");
+}
