@@ -63,10 +63,10 @@ bootstrap="127.0.0.1:$kafka_port"
     >"$work/tansu.log" 2>&1 &
 pids+=($!)
 wait_for_port "$kafka_port"
-for topic in telemetry.events.v1 telemetry.rejected.v1; do
+for topic in telemetry.events.v1 telemetry.rejected.v1 fleet.device-state.v1; do
     "$tansu" topic create --broker "tcp://$bootstrap" --partitions 3 "$topic" >>"$work/tansu.log" 2>&1
 done
-echo "tansu on $bootstrap with telemetry.events.v1 and telemetry.rejected.v1 (3 partitions)"
+echo "tansu on $bootstrap with telemetry.events.v1, telemetry.rejected.v1 and fleet.device-state.v1 (3 partitions)"
 
 step "pki"
 pki="$work/pki"

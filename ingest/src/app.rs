@@ -63,11 +63,22 @@ pub async fn run(
 
     let tls = ServerTls::load(&cfg.tls).context("loading TLS material")?;
     let sink = Arc::new(KafkaSink::new(&cfg.kafka).context("creating Kafka producer")?);
+    // Restore sequence windows before accepting any connection: replays of what
+    // another (or an earlier) node stored are refused from the first batch on.
+    let windows = ReplayWindows::new(cfg.sequence.window);
+    let (kafka_cfg, loader_windows) = (cfg.kafka.clone(), windows.clone());
+    let restored = tokio::task::spawn_blocking(move || {
+        crate::device_state::load(&kafka_cfg, &loader_windows, Duration::from_secs(30))
+    })
+    .await
+    .context("device state loader")?
+    .context("restoring device state from Kafka")?;
+    events::device_state_restored(restored);
     let pipeline = Pipeline::new(
         cfg.limits.clone(),
         SignalCatalog::new(cfg.catalog.signals.clone()),
         FreshnessWindow::new(&cfg.freshness),
-        ReplayWindows::new(cfg.sequence.window),
+        windows,
     );
     let handler = Arc::new(BatchHandler::new(
         pipeline,

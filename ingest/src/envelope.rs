@@ -1,7 +1,7 @@
 //! Turns accepted events and rejects into Kafka records carrying full provenance, both
 //! inside the protobuf value (the record of truth) and as headers (for routing).
 
-use fleetgate_proto::{Provenance, RejectRecord, TelemetryEnvelope, TelemetryEvent};
+use fleetgate_proto::{DeviceState, Provenance, RejectRecord, TelemetryEnvelope, TelemetryEvent};
 use prost::Message;
 
 use crate::connection::{ConnectionContext, SessionState};
@@ -15,6 +15,7 @@ pub const INGEST_VERSION: &str = env!("CARGO_PKG_VERSION");
 pub enum TopicKind {
     Events,
     Rejected,
+    DeviceState,
 }
 
 /// A record ready for the producer. Key = device id, so per-device order holds.
@@ -125,4 +126,27 @@ fn headers(p: &Provenance, reason: Option<&str>) -> Vec<(&'static str, String)> 
         h.push(("fleetgate.reject_reason", r.to_owned()));
     }
     h
+}
+
+/// The `fleet.device-state.v1` record: a device's highest stored seq.
+pub fn device_state_record(
+    base: &Provenance,
+    highest_seq: u64,
+    unstored_seqs: Vec<u64>,
+    now_ms: i64,
+) -> OutRecord {
+    let state = DeviceState {
+        fleet_id: base.fleet_id.clone(),
+        device_id: base.device_id.clone(),
+        highest_seq,
+        updated_at_ms: now_ms,
+        ingest_node: base.ingest_node.clone(),
+        unstored_seqs,
+    };
+    OutRecord {
+        topic: TopicKind::DeviceState,
+        key: format!("{}/{}", base.fleet_id, base.device_id),
+        headers: Vec::new(),
+        payload: state.encode_to_vec(),
+    }
 }

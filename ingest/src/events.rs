@@ -26,6 +26,8 @@ pub const KAFKA_PRODUCER_REPLACED: &str = "fleetgate_kafka_producer_replaced_tot
 pub const QUIC_STREAMS_ACKED: &str = "fleetgate_quic_streams_acked_total";
 pub const QUIC_STREAM_ERRORS: &str = "fleetgate_quic_stream_errors_total";
 pub const QUIC_CONNECTIONS_REFUSED: &str = "fleetgate_quic_connections_refused_total";
+pub const DEVICE_STATE_WRITE_FAILURES: &str = "fleetgate_device_state_write_failures_total";
+pub const DEVICE_STATE_RESTORED: &str = "fleetgate_device_state_records_restored";
 pub const BUILD_INFO: &str = "fleetgate_build_info";
 
 /// Histogram buckets for latencies, in seconds (100 µs .. 30 s).
@@ -74,6 +76,18 @@ pub fn kafka_delivery_failed(error: &str) {
 pub fn kafka_producer_replaced(error: &str) {
     counter!(KAFKA_PRODUCER_REPLACED).increment(1);
     tracing::error!(error, "kafka producer fatally failed; replaced");
+}
+
+/// A device's window could not be persisted: replay protection across restarts is
+/// weaker for it until its next batch.
+pub fn device_state_write_failed(error: &str) {
+    counter!(DEVICE_STATE_WRITE_FAILURES).increment(1);
+    tracing::warn!(error, "device state not persisted");
+}
+
+pub fn device_state_restored(records: usize) {
+    gauge!(DEVICE_STATE_RESTORED).set(records as f64);
+    tracing::info!(records, "device state restored");
 }
 
 pub fn audit_record_failed(reason: RejectReason, error: &str) {
@@ -134,6 +148,7 @@ pub fn describe(node_id: &str) {
         gauge!(CONNECTIONS_OPEN, "transport" => t.as_str()).set(0.0);
     }
     counter!(KAFKA_DELIVERY_FAILURES).absolute(0);
+    counter!(DEVICE_STATE_WRITE_FAILURES).absolute(0);
     counter!(KAFKA_ENQUEUE_FAILURES).absolute(0);
     counter!(KAFKA_PRODUCER_REPLACED).absolute(0);
     counter!(AUDIT_RECORDS_FAILED).absolute(0);

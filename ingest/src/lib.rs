@@ -7,6 +7,7 @@ pub mod catalog;
 pub mod clock;
 pub mod config;
 pub mod connection;
+pub mod device_state;
 pub mod envelope;
 pub mod events;
 pub mod freshness;

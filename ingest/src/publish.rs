@@ -50,6 +50,8 @@ pub trait RecordSink: Send + Sync + 'static {
 pub struct Topics {
     pub events: String,
     pub rejected: String,
+    /// Per-device sequence high-water marks (should be compacted).
+    pub device_state: String,
 }
 
 impl Default for Topics {
@@ -57,6 +59,7 @@ impl Default for Topics {
         Self {
             events: "telemetry.events.v1".into(),
             rejected: "telemetry.rejected.v1".into(),
+            device_state: "fleet.device-state.v1".into(),
         }
     }
 }
@@ -201,6 +204,7 @@ impl RecordSink for KafkaSink {
         let topic = match record.topic {
             TopicKind::Events => &self.topics.events,
             TopicKind::Rejected => &self.topics.rejected,
+            TopicKind::DeviceState => &self.topics.device_state,
         };
         let headers = record.headers.iter().fold(
             OwnedHeaders::new_with_capacity(record.headers.len()),

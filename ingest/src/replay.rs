@@ -49,6 +49,29 @@ impl AntiReplayWindow {
         }
     }
 
+    /// A window restored from persisted state: every seq up to `highest` except
+    /// `unstored` counts as seen (refused as duplicate or replay).
+    pub fn seeded(width: u64, highest: u64, unstored: &[u64]) -> Self {
+        let mut w = Self::new(width);
+        w.highest = highest;
+        w.bits.iter_mut().for_each(|word| *word = u64::MAX);
+        for &s in unstored {
+            if w.in_window(s) {
+                w.set(s, false);
+            }
+        }
+        w
+    }
+
+    /// Seqs inside the window that are not known to be stored (unseen or in flight):
+    /// what must stay acceptable after a restart.
+    pub fn unstored(&self) -> Vec<u64> {
+        let low = self.highest.saturating_sub(self.width - 1).max(1);
+        (low..=self.highest)
+            .filter(|s| !self.bit(*s) || self.in_flight.contains(s))
+            .collect()
+    }
+
     pub fn highest(&self) -> u64 {
         self.highest
     }
@@ -165,6 +188,19 @@ impl ReplayWindows {
         f(entry.value_mut())
     }
 
+    /// Restores a device's persisted high-water mark (never lowers what is known).
+    pub fn seed(&self, fleet: FleetId, device: DeviceId, highest: u64, unstored: &[u64]) {
+        let width = self.width;
+        self.devices
+            .entry((fleet, device))
+            .and_modify(|w| {
+                if w.highest() <= highest {
+                    *w = AntiReplayWindow::seeded(width, highest, unstored);
+                }
+            })
+            .or_insert_with(|| AntiReplayWindow::seeded(width, highest, unstored));
+    }
+
     pub fn devices(&self) -> usize {
         self.devices.len()
     }
@@ -207,6 +243,28 @@ mod tests {
         );
         assert_eq!(w.reserve(137), SeqStatus::New);
         assert_eq!(w.highest(), 200);
+    }
+
+    #[test]
+    fn a_seeded_window_refuses_everything_up_to_the_mark() {
+        let mut live = AntiReplayWindow::new(64);
+        for s in [97u64, 99, 100] {
+            live.reserve(s);
+            live.commit(s);
+        }
+        live.reserve(98); // in flight: its outcome is unknown
+        let unstored = live.unstored();
+        assert!(unstored.contains(&98) && unstored.contains(&50) && !unstored.contains(&99));
+        let mut w = AntiReplayWindow::seeded(64, live.highest(), &unstored);
+        assert_eq!(w.reserve(100), SeqStatus::Duplicate);
+        assert_eq!(w.reserve(97), SeqStatus::Duplicate);
+        assert_eq!(
+            w.reserve(98),
+            SeqStatus::New,
+            "an unsettled seq stays acceptable"
+        );
+        assert_eq!(w.reserve(36), SeqStatus::TooOld);
+        assert_eq!(w.reserve(101), SeqStatus::New);
     }
 
     #[test]

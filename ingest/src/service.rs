@@ -12,7 +12,7 @@ use futures::future::{join_all, BoxFuture};
 use futures::FutureExt;
 
 use crate::connection::{ConnectionContext, SessionState};
-use crate::envelope::{batch_provenance, event_record, reject_record};
+use crate::envelope::{batch_provenance, device_state_record, event_record, reject_record};
 use crate::events;
 use crate::pipeline::{Checked, Pipeline, Refusal};
 use crate::publish::{Delivery, EnqueueError, RecordSink};
@@ -171,6 +171,10 @@ impl BatchHandler {
                         }
                     }
                 }
+                let state_sink = self.sink.clone();
+                let state_base = base.clone();
+                let state_replay = replay.clone();
+                let (state_fleet, state_device) = (fleet.clone(), device.clone());
                 if !unreserve.is_empty() {
                     replay.with(&fleet, &device, |w| {
                         unreserve.iter().for_each(|s| w.release(*s))
@@ -191,6 +195,22 @@ impl BatchHandler {
                         }
                     }));
                     let (acks, _) = futures::join!(acks, audits);
+                    if acks.iter().any(|(_, reason)| reason.is_none()) {
+                        // Persist the window only now that its events are stored, and
+                        // before the ack: an acked event is never replayable elsewhere.
+                        let (highest, unstored) =
+                            state_replay
+                                .with(&state_fleet, &state_device, |w| (w.highest(), w.unstored()));
+                        let record =
+                            device_state_record(&state_base, highest, unstored, received_at_ms);
+                        let written = match state_sink.enqueue(record) {
+                            Ok(d) => d.await.map_err(|e| e.0),
+                            Err(e) => Err(e.to_string()),
+                        };
+                        if let Err(e) = written {
+                            events::device_state_write_failed(&e);
+                        }
+                    }
                     finish(
                         batch_id,
                         acks,

@@ -16,7 +16,11 @@ use rdkafka::message::{Headers, Message, OwnedMessage};
 use rdkafka::{Offset, TopicPartitionList};
 
 pub const TRUST_DOMAIN: &str = "fleetgate.test";
-pub const TOPICS: [&str; 2] = ["telemetry.events.v1", "telemetry.rejected.v1"];
+pub const TOPICS: [&str; 3] = [
+    "telemetry.events.v1",
+    "telemetry.rejected.v1",
+    "fleet.device-state.v1",
+];
 
 /// The tansu binary: `$TANSU_BIN`, else `tansu` on PATH, else `~/.cargo/bin/tansu`.
 pub fn tansu_bin() -> PathBuf {
