@@ -24,41 +24,11 @@ INTERVAL_MS="${INTERVAL_MS:-0}"
 
 work="$root/.local/bench"
 bin="${CARGO_TARGET_DIR:-$root/target}/release"
-pids=()
 
-cleanup() {
-    local status=$?
-    for pid in "${pids[@]}"; do
-        kill "$pid" 2>/dev/null || true
-    done
-    for pid in "${pids[@]}"; do
-        wait "$pid" 2>/dev/null || true
-    done
-    if [[ $status -ne 0 ]]; then
-        echo "bench failed (exit $status); logs in $work/" >&2
-    fi
-    exit "$status"
-}
-trap cleanup EXIT
-trap 'exit 130' INT
-trap 'exit 143' TERM
+source "$root/deploy/local/lib.sh"
+on_exit_cleanup "$work/"
 
 step() { printf '==> %s\n' "$*" >&2; }
-
-free_port() {
-    python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1]); s.close()'
-}
-
-wait_for_port() {
-    local port=$1 deadline=$((SECONDS + 30))
-    until python3 -c "import socket,sys; socket.create_connection(('127.0.0.1', $port), 1)" 2>/dev/null; do
-        if ((SECONDS > deadline)); then
-            echo "nothing listening on 127.0.0.1:$port" >&2
-            return 1
-        fi
-        sleep 0.2
-    done
-}
 
 for t in $TRANSPORTS; do
     case "$t" in
@@ -77,18 +47,7 @@ rm -rf "$work"
 mkdir -p "$work"
 
 step "broker"
-kafka_port=$(free_port)
-bootstrap="127.0.0.1:$kafka_port"
-"$tansu" broker \
-    --listener-url "tcp://$bootstrap" \
-    --advertised-listener-url "tcp://$bootstrap" \
-    --storage-engine memory://tansu/ \
-    >"$work/tansu.log" 2>&1 &
-pids+=($!)
-wait_for_port "$kafka_port"
-for topic in telemetry.events.v1 telemetry.rejected.v1 fleet.device-state.v1; do
-    "$tansu" topic create --broker "tcp://$bootstrap" --partitions 3 "$topic" >>"$work/tansu.log" 2>&1
-done
+start_broker "$tansu" "$work"
 
 step "pki ($DEVICES devices per transport)"
 pki="$work/pki"

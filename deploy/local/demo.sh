@@ -9,39 +9,11 @@ cd "$root"
 
 work="$root/.local/demo"
 bin="${CARGO_TARGET_DIR:-$root/target}/debug"
-pids=()
 
-cleanup() {
-    local status=$?
-    for pid in "${pids[@]}"; do
-        kill "$pid" 2>/dev/null || true
-    done
-    for pid in "${pids[@]}"; do
-        wait "$pid" 2>/dev/null || true
-    done
-    if [[ $status -ne 0 ]]; then
-        echo "demo failed (exit $status); logs in $work/*.log" >&2
-    fi
-    exit "$status"
-}
-trap cleanup EXIT
+source "$root/deploy/local/lib.sh"
+on_exit_cleanup "$work/*.log"
 
 step() { printf '\n==> %s\n' "$*"; }
-
-free_port() {
-    python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1]); s.close()'
-}
-
-wait_for_port() {
-    local port=$1 deadline=$((SECONDS + 30))
-    until python3 -c "import socket,sys; socket.create_connection(('127.0.0.1', $port), 1)" 2>/dev/null; do
-        if ((SECONDS > deadline)); then
-            echo "nothing listening on 127.0.0.1:$port" >&2
-            return 1
-        fi
-        sleep 0.2
-    done
-}
 
 step "tansu"
 tansu="$(bash deploy/local/ensure-tansu.sh)"
@@ -54,19 +26,8 @@ rm -rf "$work"
 mkdir -p "$work"
 
 step "broker"
-kafka_port=$(free_port)
-bootstrap="127.0.0.1:$kafka_port"
-"$tansu" broker \
-    --listener-url "tcp://$bootstrap" \
-    --advertised-listener-url "tcp://$bootstrap" \
-    --storage-engine memory://tansu/ \
-    >"$work/tansu.log" 2>&1 &
-pids+=($!)
-wait_for_port "$kafka_port"
-for topic in telemetry.events.v1 telemetry.rejected.v1 fleet.device-state.v1; do
-    "$tansu" topic create --broker "tcp://$bootstrap" --partitions 3 "$topic" >>"$work/tansu.log" 2>&1
-done
-echo "tansu on $bootstrap with telemetry.events.v1, telemetry.rejected.v1 and fleet.device-state.v1 (3 partitions)"
+start_broker "$tansu" "$work"
+echo "tansu on $bootstrap with ${FLEETGATE_TOPICS[*]} (3 partitions)"
 
 step "pki"
 pki="$work/pki"

@@ -200,10 +200,6 @@ impl ReplayWindows {
             })
             .or_insert_with(|| AntiReplayWindow::seeded(width, highest, unstored));
     }
-
-    pub fn devices(&self) -> usize {
-        self.devices.len()
-    }
 }
 
 #[cfg(test)]

@@ -146,8 +146,12 @@ impl BatchHandler {
                                     let (replay, fleet, device) =
                                         (replay.clone(), fleet.clone(), device.clone());
                                     // Seen for good only once Kafka acked; a failure frees the seq for the retry.
-                                    let settled = timed(d)
+                                    let enqueued = Instant::now();
+                                    let settled = d
                                         .map(move |r| {
+                                            if r.is_ok() {
+                                                events::kafka_delivered(enqueued.elapsed());
+                                            }
                                             replay.with(&fleet, &device, |w| match &r {
                                                 Ok(()) => w.commit(seq),
                                                 Err(_) => w.release(seq),
@@ -250,17 +254,6 @@ impl BatchHandler {
             }
         }
     }
-}
-
-fn timed(d: Delivery) -> Delivery {
-    let start = Instant::now();
-    d.map(move |r| {
-        if r.is_ok() {
-            events::kafka_delivered(start.elapsed());
-        }
-        r
-    })
-    .boxed()
 }
 
 fn log_event_reject(conn: &ConnectionContext, seq: u64, refusal: &Refusal) {

@@ -5,7 +5,7 @@
 
 use std::io;
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, RwLock};
+use std::sync::Arc;
 
 use rustls::client::danger::HandshakeSignatureValid;
 use rustls::crypto::CryptoProvider;
@@ -65,9 +65,8 @@ pub enum TlsError {
 /// Client-certificate verifier: WebPKI chain validation plus the SPIFFE identity rule.
 #[derive(Debug)]
 pub struct SpiffeClientVerifier {
-    inner: RwLock<Arc<dyn ClientCertVerifier>>,
+    inner: Arc<dyn ClientCertVerifier>,
     trust_domain: String,
-    roots: Arc<RootCertStore>,
     provider: Arc<CryptoProvider>,
 }
 
@@ -77,53 +76,24 @@ impl SpiffeClientVerifier {
         crls: Vec<CertificateRevocationListDer<'static>>,
         trust_domain: &str,
     ) -> Result<Self, TlsError> {
-        let roots = Arc::new(roots);
         let provider = Arc::new(rustls::crypto::ring::default_provider());
-        let inner = build_webpki(&roots, &provider, crls)?;
-        Ok(Self {
-            inner: RwLock::new(inner),
-            trust_domain: trust_domain.to_owned(),
-            roots,
-            provider,
-        })
-    }
-
-    /// Replaces the revocation list; new handshakes see it immediately.
-    pub fn set_crls(
-        &self,
-        crls: Vec<CertificateRevocationListDer<'static>>,
-    ) -> Result<(), TlsError> {
-        let next = build_webpki(&self.roots, &self.provider, crls)?;
-        *self.inner.write().expect("verifier lock is never poisoned") = next;
-        Ok(())
-    }
-
-    fn current(&self) -> Arc<dyn ClientCertVerifier> {
-        self.inner
-            .read()
-            .expect("verifier lock is never poisoned")
-            .clone()
-    }
-
-    pub fn trust_domain(&self) -> &str {
-        &self.trust_domain
-    }
-}
-
-fn build_webpki(
-    roots: &Arc<RootCertStore>,
-    provider: &Arc<CryptoProvider>,
-    crls: Vec<CertificateRevocationListDer<'static>>,
-) -> Result<Arc<dyn ClientCertVerifier>, TlsError> {
-    Ok(
-        WebPkiClientVerifier::builder_with_provider(roots.clone(), provider.clone())
+        let inner = WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider.clone())
             .with_crls(crls)
             // Revocation is about device certificates; a fleet CA without a CRL
             // configured must not lock out its devices.
             .only_check_end_entity_revocation()
             .allow_unknown_revocation_status()
-            .build()?,
-    )
+            .build()?;
+        Ok(Self {
+            inner,
+            trust_domain: trust_domain.to_owned(),
+            provider,
+        })
+    }
+
+    pub fn trust_domain(&self) -> &str {
+        &self.trust_domain
+    }
 }
 
 impl ClientCertVerifier for SpiffeClientVerifier {
@@ -139,7 +109,7 @@ impl ClientCertVerifier for SpiffeClientVerifier {
         now: UnixTime,
     ) -> Result<ClientCertVerified, rustls::Error> {
         let verified = self
-            .current()
+            .inner
             .verify_client_cert(end_entity, intermediates, now)?;
         identity_from_cert(end_entity, &self.trust_domain).map_err(|e| {
             rustls::Error::InvalidCertificate(CertificateError::Other(OtherError(Arc::new(e))))
@@ -153,7 +123,7 @@ impl ClientCertVerifier for SpiffeClientVerifier {
         cert: &CertificateDer<'_>,
         dss: &DigitallySignedStruct,
     ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        self.current().verify_tls12_signature(message, cert, dss)
+        self.inner.verify_tls12_signature(message, cert, dss)
     }
 
     fn verify_tls13_signature(
@@ -162,7 +132,7 @@ impl ClientCertVerifier for SpiffeClientVerifier {
         cert: &CertificateDer<'_>,
         dss: &DigitallySignedStruct,
     ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        self.current().verify_tls13_signature(message, cert, dss)
+        self.inner.verify_tls13_signature(message, cert, dss)
     }
 
     fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {

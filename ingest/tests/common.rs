@@ -122,6 +122,22 @@ pub fn batch(batch_id: u64, events: Vec<TelemetryEvent>) -> TelemetryBatch {
     }
 }
 
+/// The `seq` of every `TelemetryEnvelope` record, sorted (duplicates kept).
+pub fn sorted_seqs(records: &[rdkafka::message::OwnedMessage]) -> Vec<u64> {
+    let mut seqs: Vec<u64> = records
+        .iter()
+        .map(|r| {
+            fleetgate_test_support::decode::<fleetgate_proto::TelemetryEnvelope>(r)
+                .expect("events topic holds TelemetryEnvelope records")
+                .event
+                .expect("envelope carries its event")
+                .seq
+        })
+        .collect();
+    seqs.sort_unstable();
+    seqs
+}
+
 pub fn verdicts(ack: &BatchAck) -> Vec<(Verdict, String)> {
     ack.events
         .iter()

@@ -374,11 +374,7 @@ async fn each_bad_frame_gets_its_reason_an_audit_record_and_a_metric(wire: Wire)
         Duration::from_secs(10),
     )
     .unwrap();
-    let mut seqs: Vec<u64> = events
-        .iter()
-        .map(|r| decode::<TelemetryEnvelope>(r).unwrap().event.unwrap().seq)
-        .collect();
-    seqs.sort();
+    let seqs = sorted_seqs(&events);
     assert_eq!(seqs, vec![1, 3, 4], "events 1, 3 and 4 only");
     dev.close().await;
 }
@@ -496,11 +492,7 @@ async fn a_replayed_batch_is_acked_but_never_published_twice(wire: Wire) {
         Duration::from_secs(10),
     )
     .unwrap();
-    let mut seqs: Vec<u64> = events
-        .iter()
-        .map(|r| decode::<TelemetryEnvelope>(r).unwrap().event.unwrap().seq)
-        .collect();
-    seqs.sort();
+    let seqs = sorted_seqs(&events);
     assert_eq!(
         seqs,
         vec![1, 2, 3, 4, 5, 99, 100],
@@ -604,11 +596,7 @@ async fn skewed_device_clocks_get_stale_and_from_future(wire: Wire) {
         Duration::from_secs(10),
     )
     .unwrap();
-    let mut seqs: Vec<u64> = events
-        .iter()
-        .map(|r| decode::<TelemetryEnvelope>(r).unwrap().event.unwrap().seq)
-        .collect();
-    seqs.sort();
+    let seqs = sorted_seqs(&events);
     assert_eq!(seqs, vec![1, 2, 3, 4], "each accepted seq exactly once");
     dev.close().await;
 }

@@ -9,8 +9,8 @@ mod common;
 use std::time::Duration;
 
 use common::*;
-use fleetgate_proto::{TelemetryEnvelope, Verdict};
-use fleetgate_test_support::{decode, header, read_topic};
+use fleetgate_proto::Verdict;
+use fleetgate_test_support::{header, read_topic};
 use prost::Message;
 
 const EVENTS: &str = "telemetry.events.v1";
@@ -85,11 +85,7 @@ async fn a_device_that_changes_its_udp_socket_keeps_delivering() {
         Duration::from_secs(20),
     )
     .unwrap();
-    let mut seqs: Vec<u64> = records
-        .iter()
-        .map(|r| decode::<TelemetryEnvelope>(r).unwrap().event.unwrap().seq)
-        .collect();
-    seqs.sort();
+    let seqs = sorted_seqs(&records);
     assert_eq!(seqs, vec![1, 2, 3, 4]);
     let connections: std::collections::HashSet<String> = records
         .iter()

@@ -6,8 +6,8 @@ mod common;
 use std::time::Duration;
 
 use common::*;
-use fleetgate_proto::{TelemetryEnvelope, Verdict};
-use fleetgate_test_support::{decode, read_topic, Broker, TestPki};
+use fleetgate_proto::Verdict;
+use fleetgate_test_support::{read_topic, Broker, TestPki};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn replays_are_refused_after_restart_and_on_another_node() {
@@ -72,11 +72,7 @@ async fn replays_are_refused_after_restart_and_on_another_node() {
         Duration::from_secs(10),
     )
     .unwrap();
-    let mut seqs: Vec<u64> = records
-        .iter()
-        .map(|r| decode::<TelemetryEnvelope>(r).unwrap().event.unwrap().seq)
-        .collect();
-    seqs.sort();
+    let seqs = sorted_seqs(&records);
     assert_eq!(
         seqs,
         vec![1, 2, 3, 4, 5, 6, 7, 8],

@@ -49,29 +49,46 @@ pub fn free_port() -> u16 {
         .expect("binding an ephemeral loopback port")
 }
 
-/// A tansu broker process; killed on drop.
+/// A tansu broker process with in-memory storage; killed on drop.
 pub struct Broker {
-    child: Option<Child>,
+    child: Child,
     port: u16,
-    storage: String,
-    _dir: tempfile::TempDir,
+    dir: tempfile::TempDir,
 }
 
 impl Broker {
-    /// In-memory storage with the fleetgate topics created.
+    /// Starts a broker on a free loopback port with the fleetgate topics created.
     pub fn start() -> anyhow::Result<Self> {
-        Self::start_with("memory://tansu/".to_owned(), tempfile::tempdir()?)
-    }
-
-    /// SQLite storage, so data and topics survive [`Broker::restart`].
-    pub fn start_persistent() -> anyhow::Result<Self> {
         let dir = tempfile::tempdir()?;
-        // tansu resolves the path against its working directory (the temp dir).
-        Self::start_with("sqlite://tansu.db".to_owned(), dir)
+        let port = free_port();
+        let url = format!("tcp://127.0.0.1:{port}");
+        let log = std::fs::File::create(dir.path().join("tansu.log"))?;
+        let child = Command::new(tansu_bin())
+            .args([
+                "broker",
+                "--listener-url",
+                &url,
+                "--advertised-listener-url",
+                &url,
+            ])
+            .args(["--storage-engine", "memory://tansu/"])
+            .current_dir(dir.path())
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .with_context(|| format!("starting {} (install: make deps)", tansu_bin().display()))?;
+        let broker = Self { child, port, dir };
+        wait_for_port(port, Duration::from_secs(20))?;
+        for topic in TOPICS {
+            broker.create_topic(topic, 3)?;
+        }
+        Ok(broker)
     }
 
     /// Freezes the broker (SIGSTOP): connections stay open, nothing is answered.
     /// From a producer's view, a hung or unreachable broker; its state is kept.
+    /// (tansu 0.6's sqlite engine panics when restarted under an idempotent
+    /// producer, so an outage is a freeze, not a restart.)
     pub fn freeze(&self) {
         self.signal("-STOP");
     }
@@ -82,50 +99,9 @@ impl Broker {
     }
 
     fn signal(&self, sig: &str) {
-        if let Some(c) = &self.child {
-            let _ = Command::new("kill")
-                .args([sig, &c.id().to_string()])
-                .status();
-        }
-    }
-
-    fn start_with(storage: String, dir: tempfile::TempDir) -> anyhow::Result<Self> {
-        let port = free_port();
-        let mut broker = Self {
-            child: None,
-            port,
-            storage,
-            _dir: dir,
-        };
-        broker.spawn()?;
-        for topic in TOPICS {
-            broker.create_topic(topic, 3)?;
-        }
-        Ok(broker)
-    }
-
-    fn spawn(&mut self) -> anyhow::Result<()> {
-        let url = format!("tcp://127.0.0.1:{}", self.port);
-        let log = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(self._dir.path().join("tansu.log"))?;
-        let child = Command::new(tansu_bin())
-            .args([
-                "broker",
-                "--listener-url",
-                &url,
-                "--advertised-listener-url",
-                &url,
-            ])
-            .args(["--storage-engine", &self.storage])
-            .current_dir(self._dir.path())
-            .stdout(Stdio::null())
-            .stderr(log)
-            .spawn()
-            .with_context(|| format!("starting {} (install: make deps)", tansu_bin().display()))?;
-        self.child = Some(child);
-        wait_for_port(self.port, Duration::from_secs(20))
+        let _ = Command::new("kill")
+            .args([sig, &self.child.id().to_string()])
+            .status();
     }
 
     pub fn bootstrap(&self) -> String {
@@ -154,28 +130,15 @@ impl Broker {
 
     /// The broker's log so far (for failure messages).
     pub fn logs(&self) -> String {
-        std::fs::read_to_string(self._dir.path().join("tansu.log")).unwrap_or_default()
-    }
-
-    /// Kills the broker (an outage).
-    pub fn stop(&mut self) {
-        self.thaw();
-        if let Some(mut c) = self.child.take() {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
-    }
-
-    /// Starts it again on the same port and storage.
-    pub fn restart(&mut self) -> anyhow::Result<()> {
-        self.stop();
-        self.spawn()
+        std::fs::read_to_string(self.dir.path().join("tansu.log")).unwrap_or_default()
     }
 }
 
 impl Drop for Broker {
     fn drop(&mut self) {
-        self.stop();
+        self.thaw();
+        let _ = self.child.kill();
+        let _ = self.child.wait();
     }
 }
 

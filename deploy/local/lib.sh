@@ -1,0 +1,63 @@
+# Shared by demo.sh and bench-e2e.sh (sourced, not run): process cleanup, loopback
+# ports, and a tansu broker with the fleetgate topics.
+
+# Topics every fleetgate deployment needs.
+FLEETGATE_TOPICS=(telemetry.events.v1 telemetry.rejected.v1 fleet.device-state.v1)
+
+pids=()
+
+# Kills every process in `pids` on exit; on failure points at the logs in $1.
+# Usage: on_exit_cleanup LOG_HINT
+on_exit_cleanup() {
+    cleanup_hint=$1
+    trap _cleanup EXIT
+    trap 'exit 130' INT
+    trap 'exit 143' TERM
+}
+
+_cleanup() {
+    local status=$?
+    for pid in "${pids[@]}"; do
+        kill "$pid" 2>/dev/null || true
+    done
+    for pid in "${pids[@]}"; do
+        wait "$pid" 2>/dev/null || true
+    done
+    if [[ $status -ne 0 ]]; then
+        echo "failed (exit $status); logs in $cleanup_hint" >&2
+    fi
+    exit "$status"
+}
+
+free_port() {
+    python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1]); s.close()'
+}
+
+wait_for_port() {
+    local port=$1 deadline=$((SECONDS + 30))
+    until python3 -c "import socket,sys; socket.create_connection(('127.0.0.1', $port), 1)" 2>/dev/null; do
+        if ((SECONDS > deadline)); then
+            echo "nothing listening on 127.0.0.1:$port" >&2
+            return 1
+        fi
+        sleep 0.2
+    done
+}
+
+# Starts tansu (in-memory) on a free port, creates FLEETGATE_TOPICS with 3
+# partitions, and sets `bootstrap`. Usage: start_broker TANSU_BIN WORK_DIR
+start_broker() {
+    local tansu=$1 work=$2 port
+    port=$(free_port)
+    bootstrap="127.0.0.1:$port"
+    "$tansu" broker \
+        --listener-url "tcp://$bootstrap" \
+        --advertised-listener-url "tcp://$bootstrap" \
+        --storage-engine memory://tansu/ \
+        >"$work/tansu.log" 2>&1 &
+    pids+=($!)
+    wait_for_port "$port"
+    for topic in "${FLEETGATE_TOPICS[@]}"; do
+        "$tansu" topic create --broker "tcp://$bootstrap" --partitions 3 "$topic" >>"$work/tansu.log" 2>&1
+    done
+}
