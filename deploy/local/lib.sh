@@ -2,7 +2,7 @@
 # ports, and a tansu broker with the fleetgate topics.
 
 # Topics every fleetgate deployment needs.
-FLEETGATE_TOPICS=(telemetry.events.v1 telemetry.rejected.v1 fleet.device-state.v1)
+FLEETGATE_TOPICS=(telemetry.events.v1 telemetry.rejected.v1 fleet.device-state.v1 telemetry.quarantined.v1 telemetry.anomalies.v1 fleet.quarantine.v1)
 
 pids=()
 

@@ -16,10 +16,13 @@ use rdkafka::message::{Headers, Message, OwnedMessage};
 use rdkafka::{Offset, TopicPartitionList};
 
 pub const TRUST_DOMAIN: &str = "fleetgate.test";
-pub const TOPICS: [&str; 3] = [
+pub const TOPICS: [&str; 6] = [
     "telemetry.events.v1",
     "telemetry.rejected.v1",
     "fleet.device-state.v1",
+    "telemetry.quarantined.v1",
+    "telemetry.anomalies.v1",
+    "fleet.quarantine.v1",
 ];
 
 /// The tansu binary: `$TANSU_BIN`, else `tansu` on PATH, else `~/.cargo/bin/tansu`.
