@@ -34,6 +34,9 @@ pub struct IngestConfig {
     pub limits: Limits,
     pub freshness: FreshnessConfig,
     pub sequence: SequenceConfig,
+    pub identity: IdentityConfig,
+    /// Rate limits, connection limits and overload bounds; reloaded on SIGHUP.
+    pub quota: crate::quota::QuotaConfig,
     pub kafka: KafkaConfig,
     pub metrics: MetricsConfig,
     pub catalog: CatalogConfig,
@@ -52,6 +55,8 @@ impl Default for IngestConfig {
             limits: Limits::default(),
             freshness: FreshnessConfig::default(),
             sequence: SequenceConfig::default(),
+            identity: IdentityConfig::default(),
+            quota: crate::quota::QuotaConfig::default(),
             kafka: KafkaConfig::default(),
             metrics: MetricsConfig::default(),
             catalog: CatalogConfig::default(),
@@ -80,12 +85,27 @@ impl Default for MetricsConfig {
 pub struct SequenceConfig {
     /// Sequence numbers remembered per device (rounded up to a multiple of 64).
     pub window: u64,
+    /// A device silent this long keeps only its high-water mark (its window is freed).
+    #[serde(with = "humantime_serde")]
+    pub idle_evict_after: Duration,
 }
 
 impl Default for SequenceConfig {
     fn default() -> Self {
-        Self { window: 1024 }
+        Self {
+            window: 1024,
+            idle_evict_after: Duration::from_secs(600),
+        }
     }
+}
+
+/// How a device identity may be used across connections.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Default)]
+#[serde(deny_unknown_fields, default)]
+pub struct IdentityConfig {
+    /// `allow_newest` (close older connections of the same certificate) or
+    /// `reject_second` (refuse the newcomer); either way the event is flagged.
+    pub clone_policy: crate::live::ClonePolicy,
 }
 
 /// The signal catalog: names, kinds and physical bounds.
@@ -118,6 +138,10 @@ impl IngestConfig {
             return Err("limits.max_frame_bytes must be in 1..=64MiB".into());
         }
         self.quic.validate()?;
+        self.quota.validate(
+            self.limits.max_events_per_batch,
+            self.limits.max_frame_bytes,
+        )?;
         if self.limits.supported_schema_versions.is_empty() {
             return Err("limits.supported_schema_versions must not be empty".into());
         }
@@ -129,6 +153,12 @@ impl IngestConfig {
         }
         if !(64..=1 << 20).contains(&self.sequence.window) {
             return Err("sequence.window must be in 64..=1048576".into());
+        }
+        if self.sequence.idle_evict_after < Duration::from_secs(1) {
+            return Err("sequence.idle_evict_after must be at least 1s".into());
+        }
+        if self.tls.crl_reload_interval < Duration::from_millis(100) {
+            return Err("tls.crl_reload_interval must be at least 100ms".into());
         }
         if !matches!(self.log_format.as_str(), "json" | "text") {
             return Err(format!(

@@ -33,6 +33,8 @@ pub struct ConnectionContext {
     /// Unique within this node's lifetime: `<node>-<counter>`.
     pub connection_id: Arc<str>,
     pub remote_addr: SocketAddr,
+    /// This connection's slot under the connection limits (none in unit tests).
+    pub slot: Option<Arc<crate::quota::ConnectionPermit>>,
 }
 
 static NEXT_CONNECTION: AtomicU64 = AtomicU64::new(1);
@@ -50,6 +52,7 @@ impl ConnectionContext {
             transport,
             connection_id: Arc::from(format!("{node_id}-{}-{n}", transport.as_str())),
             remote_addr,
+            slot: None,
         }
     }
 }

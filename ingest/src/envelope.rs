@@ -16,6 +16,8 @@ pub enum TopicKind {
     Events,
     Rejected,
     DeviceState,
+    /// Accepted events of quarantined devices (forensics, not the main stream).
+    Quarantined,
 }
 
 /// A record ready for the producer. Key = device id, so per-device order holds.
@@ -73,6 +75,21 @@ pub fn event_record(base: &Provenance, event: TelemetryEvent) -> OutRecord {
         headers,
         payload: envelope.encode_to_vec(),
     }
+}
+
+/// The record of an accepted event of a quarantined device: the same envelope, on the
+/// quarantine topic, with the decision that diverted it as a header.
+pub fn quarantined_record(
+    base: &Provenance,
+    event: TelemetryEvent,
+    decision_id: &str,
+) -> OutRecord {
+    let mut record = event_record(base, event);
+    record.topic = TopicKind::Quarantined;
+    record
+        .headers
+        .push(("fleetgate.quarantine_decision", decision_id.to_owned()));
+    record
 }
 
 /// The `telemetry.rejected.v1` audit record for a rejected event or batch.

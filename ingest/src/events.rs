@@ -5,7 +5,8 @@ use std::time::Duration;
 
 use metrics::{counter, gauge, histogram};
 
-use crate::connection::Transport;
+use crate::connection::{ConnectionContext, Transport};
+use crate::live::CloseReason;
 use crate::quic::StreamFailure;
 use crate::reject::RejectReason;
 
@@ -29,6 +30,22 @@ pub const QUIC_CONNECTIONS_REFUSED: &str = "fleetgate_quic_connections_refused_t
 pub const DEVICE_STATE_WRITE_FAILURES: &str = "fleetgate_device_state_write_failures_total";
 pub const DEVICE_STATE_RESTORED: &str = "fleetgate_device_state_records_restored";
 pub const BUILD_INFO: &str = "fleetgate_build_info";
+pub const CRL_RELOADS: &str = "fleetgate_crl_reloads_total";
+pub const CRL_REVOKED: &str = "fleetgate_crl_revoked_certificates";
+pub const CONNECTIONS_CLOSED: &str = "fleetgate_connections_closed_total";
+pub const CLONED_CREDENTIALS: &str = "fleetgate_cloned_credential_total";
+pub const CLOCK_OFFSET: &str = "fleetgate_device_clock_offset_seconds";
+pub const SEQUENCE_GAPS: &str = "fleetgate_sequence_gaps_total";
+pub const DEVICES_TRACKED: &str = "fleetgate_devices_tracked";
+pub const RATE_LIMITED: &str = "fleetgate_rate_limited_total";
+pub const OVERLOAD_SHED: &str = "fleetgate_overload_shed_total";
+pub const EVENTS_IN_FLIGHT: &str = "fleetgate_events_in_flight";
+pub const SERVER_CERT_EXPIRY: &str = "fleetgate_server_cert_expiry_seconds";
+pub const CONNECTIONS_REFUSED: &str = "fleetgate_connections_refused_total";
+pub const QUOTA_RELOADS: &str = "fleetgate_quota_reloads_total";
+pub const QUARANTINED_DEVICES: &str = "fleetgate_quarantined_devices";
+pub const QUARANTINE_ENFORCEMENT: &str = "fleetgate_quarantine_enforcement_latency_seconds";
+pub const DEVICE_STATE_FOLLOWED: &str = "fleetgate_device_state_records_followed_total";
 
 /// Histogram buckets for latencies, in seconds (100 µs .. 30 s).
 pub const LATENCY_BUCKETS: &[f64] = &[
@@ -133,6 +150,129 @@ pub fn kafka_queue(depth: i32) {
     gauge!(KAFKA_QUEUE).set(depth as f64);
 }
 
+/// The CRL in force now revokes `serials` certificates.
+pub fn crl_loaded(serials: usize) {
+    counter!(CRL_RELOADS, "outcome" => "ok").increment(1);
+    gauge!(CRL_REVOKED).set(serials as f64);
+}
+
+/// A changed CRL file could not be used; the previous list stays in force.
+pub fn crl_reload_failed(error: &str) {
+    counter!(CRL_RELOADS, "outcome" => "error").increment(1);
+    tracing::error!(error, "CRL reload failed; previous revocation list kept");
+}
+
+/// Ingest closed a connection on purpose (`cert_revoked`, `cloned_credential`).
+pub fn connection_closed_by_ingest(ctx: &ConnectionContext, reason: CloseReason) {
+    counter!(CONNECTIONS_CLOSED, "transport" => ctx.transport.as_str(), "reason" => reason.as_str())
+        .increment(1);
+    tracing::warn!(
+        device = %ctx.identity.device_id,
+        fleet = %ctx.identity.fleet_id,
+        connection = %ctx.connection_id,
+        remote = %ctx.remote_addr,
+        reason = reason.as_str(),
+        "connection closed by ingest"
+    );
+}
+
+/// The same identity connected while already connected; `action` is what the policy did.
+pub fn cloned_credential(ctx: &ConnectionContext, action: &'static str, detail: &str) {
+    counter!(CLONED_CREDENTIALS, "transport" => ctx.transport.as_str(), "action" => action)
+        .increment(1);
+    tracing::warn!(
+        device = %ctx.identity.device_id,
+        fleet = %ctx.identity.fleet_id,
+        action,
+        detail,
+        "cloned credential suspected"
+    );
+}
+
+/// A device's smoothed clock offset (server minus device), observed once per batch.
+pub fn clock_offset(offset_ms: f64) {
+    histogram!(CLOCK_OFFSET).record(offset_ms.abs() / 1000.0);
+}
+
+/// Sequence numbers skipped when devices' windows advanced.
+pub fn sequence_gaps(n: u64) {
+    counter!(SEQUENCE_GAPS).increment(n);
+}
+
+pub fn devices_tracked(active: usize, dormant: usize) {
+    gauge!(DEVICES_TRACKED, "state" => "active").set(active as f64);
+    gauge!(DEVICES_TRACKED, "state" => "dormant").set(dormant as f64);
+}
+
+/// A device-state record written by another node was folded into this node's windows.
+pub fn device_state_followed() {
+    counter!(DEVICE_STATE_FOLLOWED).increment(1);
+}
+
+/// A batch refused by a rate limit (`reason`), labelled by fleet (bounded: fleets are
+/// few) and dimension (`events` or `bytes`); devices go to the top-offenders log.
+pub fn rate_limited(reason: RejectReason, fleet: &str, dimension: &'static str) {
+    counter!(RATE_LIMITED, "reason" => reason.as_str(), "fleet" => fleet.to_owned(), "dimension" => dimension)
+        .increment(1);
+}
+
+/// Registers the per-fleet series at zero the first time a fleet connects, so rates
+/// and alerts have a baseline before the first refusal (bounded: fleets are few).
+pub fn fleet_seen(fleet: &str) {
+    static SEEN: std::sync::OnceLock<std::sync::Mutex<std::collections::HashSet<String>>> =
+        std::sync::OnceLock::new();
+    let mut seen = SEEN
+        .get_or_init(Default::default)
+        .lock()
+        .unwrap_or_else(|p| p.into_inner());
+    if seen.contains(fleet) {
+        return;
+    }
+    seen.insert(fleet.to_owned());
+    for reason in [
+        RejectReason::RateLimitedDevice,
+        RejectReason::RateLimitedFleet,
+        RejectReason::RateLimitedGlobal,
+    ] {
+        for dimension in ["events", "bytes"] {
+            counter!(RATE_LIMITED, "reason" => reason.as_str(), "fleet" => fleet.to_owned(), "dimension" => dimension)
+                .absolute(0);
+        }
+    }
+}
+
+/// A batch refused as `overloaded`; `cause` says which bound was hit.
+pub fn overload_shed(cause: &'static str) {
+    counter!(OVERLOAD_SHED, "cause" => cause).increment(1);
+}
+
+pub fn events_in_flight(n: u64) {
+    gauge!(EVENTS_IN_FLIGHT).set(n as f64);
+}
+
+/// The server certificate's notAfter, as Unix seconds (alerts subtract `time()`).
+pub fn server_cert_expiry(not_after_unix: i64) {
+    gauge!(SERVER_CERT_EXPIRY).set(not_after_unix as f64);
+}
+
+/// A connection refused by a connection limit before it was served.
+pub fn connection_refused(transport: Transport, code: &'static str) {
+    counter!(CONNECTIONS_REFUSED, "transport" => transport.as_str(), "reason" => code).increment(1);
+}
+
+pub fn quota_reloaded(ok: bool) {
+    counter!(QUOTA_RELOADS, "outcome" => if ok { "ok" } else { "error" }).increment(1);
+}
+
+pub fn quarantined_devices(n: usize) {
+    gauge!(QUARANTINED_DEVICES).set(n as f64);
+}
+
+/// A quarantine took effect on this node `latency_ms` after its first offending event.
+pub fn quarantine_enforced(latency_ms: i64) {
+    histogram!(QUARANTINE_ENFORCEMENT).record(latency_ms as f64 / 1000.0);
+}
+
 /// Registers every series at zero so dashboards and alerts see them before traffic.
 pub fn describe(node_id: &str) {
     gauge!(BUILD_INFO, "version" => crate::envelope::INGEST_VERSION, "node" => node_id.to_owned())
@@ -157,4 +297,35 @@ pub fn describe(node_id: &str) {
         counter!(QUIC_STREAM_ERRORS, "kind" => kind.as_str()).absolute(0);
     }
     counter!(QUIC_CONNECTIONS_REFUSED, "reason" => "max_connections").absolute(0);
+    for t in [Transport::Grpc, Transport::Quic] {
+        for r in [CloseReason::CertRevoked, CloseReason::ClonedCredential] {
+            counter!(CONNECTIONS_CLOSED, "transport" => t.as_str(), "reason" => r.as_str())
+                .absolute(0);
+        }
+        for action in ["closed_older", "refused_new"] {
+            counter!(CLONED_CREDENTIALS, "transport" => t.as_str(), "action" => action).absolute(0);
+        }
+    }
+    counter!(SEQUENCE_GAPS).absolute(0);
+    for state in ["active", "dormant"] {
+        gauge!(DEVICES_TRACKED, "state" => state).set(0.0);
+    }
+    gauge!(EVENTS_IN_FLIGHT).set(0.0);
+    gauge!(QUARANTINED_DEVICES).set(0.0);
+    // Registered now so the series exists (count 0) before the first quarantine.
+    let _ = histogram!(QUARANTINE_ENFORCEMENT);
+    for cause in [
+        "in_flight_full",
+        "delivery_latency",
+        "too_many_batches_in_flight",
+    ] {
+        counter!(OVERLOAD_SHED, "cause" => cause).absolute(0);
+    }
+    for outcome in ["ok", "error"] {
+        counter!(QUOTA_RELOADS, "outcome" => outcome).absolute(0);
+    }
+    counter!(DEVICE_STATE_FOLLOWED).absolute(0);
+    for outcome in ["ok", "error"] {
+        counter!(CRL_RELOADS, "outcome" => outcome).absolute(0);
+    }
 }

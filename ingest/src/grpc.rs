@@ -31,6 +31,7 @@ use tonic::{Request, Response, Status, Streaming};
 
 use crate::connection::{ConnectionContext, SessionState, Transport};
 use crate::events;
+use crate::live::{admit, close_requested, CloseReason, LiveConnections, Registration};
 use crate::service::BatchHandler;
 use crate::tls::{peer_identity, refusal_label};
 
@@ -219,9 +220,32 @@ async fn run_stream(
 }
 
 /// An accepted, authenticated TLS connection; decrements the open gauge on drop.
+/// Reads and writes fail once ingest asked for the connection to close (revoked
+/// certificate, cloned credential), which makes the HTTP/2 server drop it.
 pub struct DeviceConn {
     io: TlsStream<TcpStream>,
     ctx: ConnectionContext,
+    _registration: Registration,
+    close: Pin<Box<dyn std::future::Future<Output = CloseReason> + Send>>,
+    closed: Option<CloseReason>,
+}
+
+impl DeviceConn {
+    fn check_closed(&mut self, cx: &mut Context<'_>) -> io::Result<()> {
+        if self.closed.is_none() {
+            if let Poll::Ready(reason) = self.close.as_mut().poll(cx) {
+                events::connection_closed_by_ingest(&self.ctx, reason);
+                self.closed = Some(reason);
+            }
+        }
+        match self.closed {
+            Some(reason) => Err(io::Error::new(
+                io::ErrorKind::ConnectionAborted,
+                reason.as_str(),
+            )),
+            None => Ok(()),
+        }
+    }
 }
 
 impl Drop for DeviceConn {
@@ -243,7 +267,9 @@ impl AsyncRead for DeviceConn {
         cx: &mut Context<'_>,
         buf: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.get_mut().io).poll_read(cx, buf)
+        let this = self.get_mut();
+        this.check_closed(cx)?;
+        Pin::new(&mut this.io).poll_read(cx, buf)
     }
 }
 
@@ -253,7 +279,9 @@ impl AsyncWrite for DeviceConn {
         cx: &mut Context<'_>,
         buf: &[u8],
     ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.get_mut().io).poll_write(cx, buf)
+        let this = self.get_mut();
+        this.check_closed(cx)?;
+        Pin::new(&mut this.io).poll_write(cx, buf)
     }
     fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         Pin::new(&mut self.get_mut().io).poll_flush(cx)
@@ -266,7 +294,9 @@ impl AsyncWrite for DeviceConn {
         cx: &mut Context<'_>,
         bufs: &[io::IoSlice<'_>],
     ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.get_mut().io).poll_write_vectored(cx, bufs)
+        let this = self.get_mut();
+        this.check_closed(cx)?;
+        Pin::new(&mut this.io).poll_write_vectored(cx, bufs)
     }
     fn is_write_vectored(&self) -> bool {
         self.io.is_write_vectored()
@@ -275,14 +305,27 @@ impl AsyncWrite for DeviceConn {
 
 /// Accepts TCP connections and completes TLS handshakes concurrently (bounded),
 /// yielding only connections whose certificate named a device.
+/// What turns an authenticated TLS stream into a registered device connection.
+pub struct Admission {
+    pub trust_domain: String,
+    pub node_id: Arc<str>,
+    pub live: Arc<LiveConnections>,
+    pub handler: Arc<BatchHandler>,
+}
+
 pub fn incoming(
     listener: TcpListener,
     acceptor: TlsAcceptor,
-    trust_domain: String,
-    node_id: Arc<str>,
+    admission: Admission,
     cfg: GrpcConfig,
     mut shutdown: watch::Receiver<bool>,
 ) -> ReceiverStream<Result<DeviceConn, io::Error>> {
+    let Admission {
+        trust_domain,
+        node_id,
+        live,
+        handler,
+    } = admission;
     let (tx, rx) = mpsc::channel(cfg.max_concurrent_handshakes.max(1));
     let permits = Arc::new(tokio::sync::Semaphore::new(
         cfg.max_concurrent_handshakes.max(1),
@@ -304,12 +347,18 @@ pub fn incoming(
                     }
                 },
             };
+            if let Err(refusal) = handler.admission().gate.try_handshake(remote.ip()) {
+                // Dropped before any TLS work: a handshake flood costs one accept each.
+                events::handshake(Transport::Grpc, refusal.code());
+                continue;
+            }
             let _ = tcp.set_nodelay(true);
             let acceptor = acceptor.clone();
             let tx = tx.clone();
             let trust_domain = trust_domain.clone();
             let node_id = node_id.clone();
             let timeout = cfg.handshake_timeout;
+            let (live, handler) = (live.clone(), handler.clone());
             tokio::spawn(async move {
                 let _permit = permit;
                 let outcome = tokio::time::timeout(timeout, acceptor.accept(tcp)).await;
@@ -336,10 +385,23 @@ pub fn incoming(
                         }
                     };
                 events::handshake(Transport::Grpc, "ok");
+                let mut ctx = ConnectionContext::new(identity, Transport::Grpc, &node_id, remote);
+                let Some(registration) = admit(&live, &handler, &mut ctx) else {
+                    // Refused by the clone policy: the TLS stream is dropped unserved.
+                    return;
+                };
                 events::connection_opened(Transport::Grpc);
-                let ctx = ConnectionContext::new(identity, Transport::Grpc, &node_id, remote);
                 tracing::debug!(%remote, device = %ctx.identity.device_id, connection = %ctx.connection_id, "connected");
-                let _ = tx.send(Ok(DeviceConn { io: tls, ctx })).await;
+                let mut closed = registration.closed.clone();
+                let close = Box::pin(async move { close_requested(&mut closed).await });
+                let conn = DeviceConn {
+                    io: tls,
+                    ctx,
+                    _registration: registration,
+                    close,
+                    closed: None,
+                };
+                let _ = tx.send(Ok(conn)).await;
             });
         }
     });

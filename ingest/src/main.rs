@@ -41,7 +41,11 @@ fn main() -> anyhow::Result<()> {
             wait_for_signal().await;
             let _ = tx.send(true);
         });
-        app::run(cfg, metrics, rx, |bound| {
+        let path = cli.config.clone();
+        let source: app::ConfigSource = Box::new(move || {
+            fleetgate_config::load(path.as_deref()).context("re-reading configuration")
+        });
+        app::run(cfg, metrics, rx, Some(source), |bound| {
             // Machine-readable line for scripts and tests that bind port 0.
             println!(
                 "fleetgate-ingest ready grpc={} metrics={} quic={}",

@@ -118,6 +118,15 @@ impl Pipeline {
             Ok(b) => b,
             Err(e) => return refused(0, RejectReason::DecodeError, e.to_string()),
         };
+        // Observed before any refusal: a device whose clock is off is exactly the one
+        // whose offset matters.
+        let offset_ms = self.replay.observe_clock(
+            &identity.fleet_id,
+            &identity.device_id,
+            batch.sent_at_ms,
+            now_ms,
+        );
+        crate::events::clock_offset(offset_ms);
         if let Some(refusal) = self.check_batch(identity, &batch, now_ms) {
             return Checked::Refused {
                 batch_id: batch.batch_id,
@@ -139,6 +148,7 @@ impl Pipeline {
             .collect();
         self.replay
             .with(&identity.fleet_id, &identity.device_id, |window| {
+                let gaps_before = window.gaps();
                 for (event, verdict) in batch.events.iter().zip(verdicts.iter_mut()) {
                     if verdict.is_err() {
                         continue;
@@ -153,6 +163,10 @@ impl Pipeline {
                         reason,
                         format!("seq {} (highest seen {})", event.seq, window.highest()),
                     ));
+                }
+                let opened = window.gaps().saturating_sub(gaps_before);
+                if opened > 0 {
+                    crate::events::sequence_gaps(opened);
                 }
             });
         Checked::Events { batch, verdicts }

@@ -52,6 +52,10 @@ pub struct Topics {
     pub rejected: String,
     /// Per-device sequence high-water marks (should be compacted).
     pub device_state: String,
+    /// Where a quarantined device's accepted events go instead of `events`.
+    pub quarantined: String,
+    /// Quarantine decisions ingest follows and enforces (compacted, key = fleet/device).
+    pub quarantine: String,
 }
 
 impl Default for Topics {
@@ -60,6 +64,8 @@ impl Default for Topics {
             events: "telemetry.events.v1".into(),
             rejected: "telemetry.rejected.v1".into(),
             device_state: "fleet.device-state.v1".into(),
+            quarantined: "telemetry.quarantined.v1".into(),
+            quarantine: "fleet.quarantine.v1".into(),
         }
     }
 }
@@ -205,6 +211,7 @@ impl RecordSink for KafkaSink {
             TopicKind::Events => &self.topics.events,
             TopicKind::Rejected => &self.topics.rejected,
             TopicKind::DeviceState => &self.topics.device_state,
+            TopicKind::Quarantined => &self.topics.quarantined,
         };
         let headers = record.headers.iter().fold(
             OwnedHeaders::new_with_capacity(record.headers.len()),

@@ -8,7 +8,8 @@
 //!
 //! Application error codes sent to devices: `0` shutdown, `0x10` stream read timeout,
 //! `0x11` frame too large (STOP_SENDING on the rest of the frame, ack still sent),
-//! `0x12` missing or wrong ALPN / identity.
+//! `0x12` missing or wrong ALPN / identity, `0x13` certificate revoked while connected,
+//! `0x14` cloned credential (another connection of the same identity won).
 
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
@@ -26,6 +27,7 @@ use tokio::task::JoinSet;
 
 use crate::connection::{ConnectionContext, SessionState, Transport};
 use crate::events;
+use crate::live::{admit, close_requested, CloseReason, LiveConnections};
 use crate::service::BatchHandler;
 use crate::tls::peer_identity;
 
@@ -36,6 +38,8 @@ const CODE_SHUTDOWN: u32 = 0;
 const CODE_READ_TIMEOUT: u32 = 0x10;
 const CODE_FRAME_TOO_LARGE: u32 = 0x11;
 const CODE_REFUSED: u32 = 0x12;
+const CODE_CERT_REVOKED: u32 = 0x13;
+const CODE_CLONED_CREDENTIAL: u32 = 0x14;
 
 /// QUIC listener settings.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -133,6 +137,7 @@ pub fn bind(cfg: &QuicConfig, tls: Arc<rustls::ServerConfig>) -> Result<Endpoint
 /// What every connection task needs.
 struct Shared {
     handler: Arc<BatchHandler>,
+    live: Arc<LiveConnections>,
     trust_domain: Arc<str>,
     node_id: Arc<str>,
     cfg: QuicConfig,
@@ -143,6 +148,7 @@ struct Shared {
 pub async fn serve(
     endpoint: Endpoint,
     handler: Arc<BatchHandler>,
+    live: Arc<LiveConnections>,
     trust_domain: Arc<str>,
     node_id: Arc<str>,
     cfg: QuicConfig,
@@ -150,6 +156,7 @@ pub async fn serve(
 ) {
     let shared = Arc::new(Shared {
         handler,
+        live,
         trust_domain,
         node_id,
         cfg,
@@ -170,6 +177,12 @@ pub async fn serve(
                 let Some(incoming) = incoming else { break };
                 if connections.len() >= shared.cfg.max_connections {
                     events::quic_connection_refused("max_connections");
+                    incoming.refuse();
+                    continue;
+                }
+                let ip = incoming.remote_address().ip();
+                if let Err(refusal) = shared.handler.admission().gate.try_handshake(ip) {
+                    events::handshake(Transport::Quic, refusal.code());
                     incoming.refuse();
                     continue;
                 }
@@ -235,14 +248,14 @@ async fn run_connection(
         }
     };
     events::handshake(Transport::Quic, "ok");
+    let mut ctx = ConnectionContext::new(identity, Transport::Quic, &shared.node_id, remote);
+    let Some(mut registration) = admit(&shared.live, &shared.handler, &mut ctx) else {
+        conn.close(VarInt::from_u32(CODE_REFUSED), b"refused");
+        return;
+    };
+    let ctx = Arc::new(ctx);
     events::connection_opened(Transport::Quic);
     let _open = OpenConnection;
-    let ctx = Arc::new(ConnectionContext::new(
-        identity,
-        Transport::Quic,
-        &shared.node_id,
-        remote,
-    ));
     tracing::debug!(%remote, device = %ctx.identity.device_id, connection = %ctx.connection_id, "quic connected");
     // Shared by the connection's streams; only locked inside the synchronous submit.
     let session = Arc::new(Mutex::new(SessionState::default()));
@@ -252,6 +265,17 @@ async fn run_connection(
     let closed_by_us = loop {
         tokio::select! {
             _ = &mut stopping => break true,
+            reason = close_requested(&mut registration.closed) => {
+                events::connection_closed_by_ingest(&ctx, reason);
+                let code = match reason {
+                    CloseReason::CertRevoked => CODE_CERT_REVOKED,
+                    CloseReason::ClonedCredential => CODE_CLONED_CREDENTIAL,
+                };
+                // Streams in flight are cut: their events are not acked, so the
+                // device (if it is honest) retries them elsewhere.
+                conn.close(VarInt::from_u32(code), reason.as_str().as_bytes());
+                break false;
+            }
             Some(done) = streams.join_next(), if !streams.is_empty() => {
                 if let Err(e) = done {
                     tracing::error!(connection = %ctx.connection_id, error = %e, "quic stream task failed");

@@ -28,10 +28,23 @@ pub enum RejectReason {
     Overloaded,
     /// Kafka did not acknowledge the record in time; the device should retry.
     DeliveryFailed,
+    /// The device's own events/s or bytes/s quota is spent; retry after the hint.
+    RateLimitedDevice,
+    /// The device's fleet quota is spent.
+    RateLimitedFleet,
+    /// The node-wide quota is spent.
+    RateLimitedGlobal,
+    /// The device is quarantined: the event was stored on the quarantine topic, not
+    /// the main one (acknowledged, so the device does not retry forever).
+    Quarantined,
+    /// A connection-level audit: the same certificate connected twice at once.
+    ClonedCredential,
+    /// A connection-level audit: an open connection's certificate was revoked.
+    CertRevoked,
 }
 
 impl RejectReason {
-    pub const ALL: [RejectReason; 14] = [
+    pub const ALL: [RejectReason; 20] = [
         Self::FrameTooLarge,
         Self::DecodeError,
         Self::SchemaUnknown,
@@ -46,6 +59,12 @@ impl RejectReason {
         Self::ReplayOutsideWindow,
         Self::Overloaded,
         Self::DeliveryFailed,
+        Self::RateLimitedDevice,
+        Self::RateLimitedFleet,
+        Self::RateLimitedGlobal,
+        Self::Quarantined,
+        Self::ClonedCredential,
+        Self::CertRevoked,
     ];
 
     pub const fn as_str(self) -> &'static str {
@@ -64,14 +83,25 @@ impl RejectReason {
             Self::ReplayOutsideWindow => "replay_outside_window",
             Self::Overloaded => "overloaded",
             Self::DeliveryFailed => "delivery_failed",
+            Self::RateLimitedDevice => "rate_limited_device",
+            Self::RateLimitedFleet => "rate_limited_fleet",
+            Self::RateLimitedGlobal => "rate_limited_global",
+            Self::Quarantined => "quarantined",
+            Self::ClonedCredential => "cloned_credential",
+            Self::CertRevoked => "cert_revoked",
         }
     }
 
     /// Whether the device should send the same event again later.
     pub const fn verdict(self) -> Verdict {
         match self {
-            Self::Duplicate => Verdict::Accepted,
-            Self::Overloaded | Self::DeliveryFailed | Self::DuplicateInFlight => Verdict::Retry,
+            Self::Duplicate | Self::Quarantined => Verdict::Accepted,
+            Self::Overloaded
+            | Self::DeliveryFailed
+            | Self::DuplicateInFlight
+            | Self::RateLimitedDevice
+            | Self::RateLimitedFleet
+            | Self::RateLimitedGlobal => Verdict::Retry,
             _ => Verdict::Rejected,
         }
     }

@@ -149,6 +149,38 @@ impl AntiReplayWindow {
         self.in_flight.retain(|s| *s != seq);
     }
 
+    /// Reservations whose delivery is still under way.
+    pub fn in_flight_len(&self) -> usize {
+        self.in_flight.len()
+    }
+
+    /// Marks every seq up to `highest` that is not in `unstored` as seen (stored by
+    /// someone), advancing the window if `highest` is newer. Reservations of this node
+    /// are left alone: their outcome is still decided by their own delivery.
+    pub fn merge(&mut self, highest: u64, unstored: &[u64]) {
+        if highest > self.highest {
+            let advance = highest - self.highest;
+            if advance >= self.width {
+                self.bits.iter_mut().for_each(|w| *w = 0);
+            } else {
+                for s in self.highest + 1..=highest {
+                    self.set(s, false);
+                }
+            }
+            self.highest = highest;
+            let (h, width) = (self.highest, self.width);
+            self.in_flight.retain(|s| s + width > h);
+        }
+        let low = self.highest.saturating_sub(self.width - 1).max(1);
+        let mut unstored = unstored.to_vec();
+        unstored.sort_unstable();
+        for s in low..=highest.min(self.highest) {
+            if unstored.binary_search(&s).is_err() {
+                self.set(s, true);
+            }
+        }
+    }
+
     /// The reserved `seq` was not delivered: forget it so a retry is accepted.
     pub fn release(&mut self, seq: u64) {
         let before = self.in_flight.len();
@@ -159,11 +191,49 @@ impl AntiReplayWindow {
     }
 }
 
-/// Anti-replay windows of every device seen by this node.
+/// What this node tracks per active device: its window, when it was last used, and
+/// an EWMA of its clock offset (server receipt time minus the device's `sent_at`).
+#[derive(Debug, Clone)]
+pub struct DeviceSlot {
+    pub window: AntiReplayWindow,
+    pub last_seen_ms: i64,
+    /// Positive when the device clock is behind the server's; `None` before a sample.
+    pub clock_offset_ms: Option<f64>,
+}
+
+/// Weight of the newest clock-offset sample in the EWMA.
+const CLOCK_EWMA_ALPHA: f64 = 0.2;
+
+/// The compact form of an evicted device: enough to refuse every replay it could send.
+#[derive(Debug, Clone)]
+struct Dormant {
+    highest: u64,
+    unstored: Box<[u64]>,
+}
+
+/// A point-in-time view of one device, for the operator endpoint.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct DeviceView {
+    pub highest_seq: u64,
+    pub gaps: u64,
+    pub in_flight: usize,
+    pub last_seen_ms: i64,
+    pub clock_offset_ms: Option<f64>,
+    /// True when the device is evicted: only its high-water mark is held.
+    pub dormant: bool,
+}
+
+type SlotRef<'a> = dashmap::mapref::one::RefMut<'a, (FleetId, DeviceId), DeviceSlot>;
+
+/// Anti-replay windows of every device seen by this node. Idle devices are evicted to a
+/// compact dormant record (high-water mark plus unstored seqs), never forgotten, so an
+/// evicted device falls back to "everything up to the mark is a replay", not to
+/// "accept anything".
 #[derive(Debug)]
 pub struct ReplayWindows {
     width: u64,
-    devices: DashMap<(FleetId, DeviceId), AntiReplayWindow>,
+    devices: DashMap<(FleetId, DeviceId), DeviceSlot>,
+    dormant: DashMap<(FleetId, DeviceId), Dormant>,
 }
 
 impl ReplayWindows {
@@ -171,6 +241,23 @@ impl ReplayWindows {
         Arc::new(Self {
             width,
             devices: DashMap::new(),
+            dormant: DashMap::new(),
+        })
+    }
+
+    fn slot(&self, key: (FleetId, DeviceId)) -> SlotRef<'_> {
+        let width = self.width;
+        let dormant = &self.dormant;
+        self.devices.entry(key.clone()).or_insert_with(|| {
+            let window = match dormant.remove(&key) {
+                Some((_, d)) => AntiReplayWindow::seeded(width, d.highest, &d.unstored),
+                None => AntiReplayWindow::new(width),
+            };
+            DeviceSlot {
+                window,
+                last_seen_ms: 0,
+                clock_offset_ms: None,
+            }
         })
     }
 
@@ -181,24 +268,111 @@ impl ReplayWindows {
         device: &DeviceId,
         f: impl FnOnce(&mut AntiReplayWindow) -> R,
     ) -> R {
-        let mut entry = self
-            .devices
-            .entry((fleet.clone(), device.clone()))
-            .or_insert_with(|| AntiReplayWindow::new(self.width));
-        f(entry.value_mut())
+        let mut slot = self.slot((fleet.clone(), device.clone()));
+        f(&mut slot.window)
+    }
+
+    /// Records a batch from the device at server time `now_ms` that the device sent at
+    /// `sent_at_ms`; returns the updated clock-offset EWMA in milliseconds.
+    pub fn observe_clock(
+        &self,
+        fleet: &FleetId,
+        device: &DeviceId,
+        sent_at_ms: i64,
+        now_ms: i64,
+    ) -> f64 {
+        let mut slot = self.slot((fleet.clone(), device.clone()));
+        let sample = now_ms.saturating_sub(sent_at_ms) as f64;
+        let ewma = match slot.clock_offset_ms {
+            Some(prev) => prev + CLOCK_EWMA_ALPHA * (sample - prev),
+            None => sample,
+        };
+        slot.clock_offset_ms = Some(ewma);
+        slot.last_seen_ms = now_ms;
+        ewma
     }
 
     /// Restores a device's persisted high-water mark (never lowers what is known).
     pub fn seed(&self, fleet: FleetId, device: DeviceId, highest: u64, unstored: &[u64]) {
-        let width = self.width;
-        self.devices
-            .entry((fleet, device))
-            .and_modify(|w| {
-                if w.highest() <= highest {
-                    *w = AntiReplayWindow::seeded(width, highest, unstored);
-                }
-            })
-            .or_insert_with(|| AntiReplayWindow::seeded(width, highest, unstored));
+        self.merge(fleet, device, highest, unstored);
+    }
+
+    /// Folds in what another node stored for the device: every seq up to `highest`
+    /// except `unstored` becomes seen here too. Never forgets what this node knows.
+    pub fn merge(&self, fleet: FleetId, device: DeviceId, highest: u64, unstored: &[u64]) {
+        // Lock order everywhere: the device shard, then the dormant shard.
+        match self.devices.entry((fleet, device)) {
+            dashmap::Entry::Occupied(mut slot) => slot.get_mut().window.merge(highest, unstored),
+            dashmap::Entry::Vacant(vacant) => {
+                let mut d = self
+                    .dormant
+                    .entry(vacant.key().clone())
+                    .or_insert_with(|| Dormant {
+                        highest: 0,
+                        unstored: Box::new([]),
+                    });
+                let mut w = AntiReplayWindow::seeded(self.width, d.highest, &d.unstored);
+                w.merge(highest, unstored);
+                *d = Dormant {
+                    highest: w.highest(),
+                    unstored: w.unstored().into_boxed_slice(),
+                };
+            }
+        }
+    }
+
+    /// Moves devices not seen since `idle_before_ms` (and with nothing in flight) to
+    /// their dormant form. Returns how many were evicted.
+    pub fn evict_idle(&self, idle_before_ms: i64) -> usize {
+        let mut n = 0;
+        // The dormant record is written while the device's shard is still locked, so no
+        // batch can see the device absent from both maps.
+        self.devices.retain(|key, slot| {
+            let idle = slot.last_seen_ms < idle_before_ms && slot.window.in_flight_len() == 0;
+            if idle {
+                n += 1;
+                self.dormant.insert(
+                    key.clone(),
+                    Dormant {
+                        highest: slot.window.highest(),
+                        unstored: slot.window.unstored().into_boxed_slice(),
+                    },
+                );
+            }
+            !idle
+        });
+        if n > 0 {
+            // Retained buckets would keep the freed windows' memory in use.
+            self.devices.shrink_to_fit();
+        }
+        n
+    }
+
+    /// Active (windowed) and dormant (mark only) device counts.
+    pub fn counts(&self) -> (usize, usize) {
+        (self.devices.len(), self.dormant.len())
+    }
+
+    pub fn view(&self, fleet: &FleetId, device: &DeviceId) -> Option<DeviceView> {
+        let key = (fleet.clone(), device.clone());
+        if let Some(slot) = self.devices.get(&key) {
+            return Some(DeviceView {
+                highest_seq: slot.window.highest(),
+                gaps: slot.window.gaps(),
+                in_flight: slot.window.in_flight_len(),
+                last_seen_ms: slot.last_seen_ms,
+                clock_offset_ms: slot.clock_offset_ms,
+                dormant: false,
+            });
+        }
+        self.dormant.get(&key).map(|d| DeviceView {
+            highest_seq: d.highest,
+            gaps: 0,
+            in_flight: 0,
+            last_seen_ms: 0,
+            clock_offset_ms: None,
+            dormant: true,
+        })
     }
 }
 
@@ -282,6 +456,95 @@ mod tests {
         assert!(bytes <= 256, "{bytes}");
     }
 
+    fn ids(d: &str) -> (FleetId, DeviceId) {
+        (FleetId::parse("f").unwrap(), DeviceId::parse(d).unwrap())
+    }
+
+    #[test]
+    fn merge_marks_what_another_node_stored_and_keeps_its_holes() {
+        let mut w = AntiReplayWindow::new(64);
+        w.reserve(5);
+        w.commit(5);
+        w.merge(20, &[12, 13]);
+        assert_eq!(w.highest(), 20);
+        assert_eq!(w.status(20), SeqStatus::Duplicate);
+        assert_eq!(w.status(11), SeqStatus::Duplicate);
+        assert_eq!(
+            w.status(12),
+            SeqStatus::New,
+            "unstored elsewhere stays open"
+        );
+        assert_eq!(w.status(5), SeqStatus::Duplicate, "own knowledge is kept");
+        assert_eq!(w.status(21), SeqStatus::New);
+        w.merge(10, &[]);
+        assert_eq!(w.highest(), 20, "an older record never lowers the mark");
+        assert_eq!(
+            w.status(12),
+            SeqStatus::New,
+            "nor closes a hole it does not cover"
+        );
+    }
+
+    #[test]
+    fn an_evicted_device_refuses_replays_and_accepts_new_seqs() {
+        let windows = ReplayWindows::new(64);
+        let (f, d) = ids("car-1");
+        windows.observe_clock(&f, &d, 1_000, 1_000);
+        for s in 1..=10 {
+            windows.with(&f, &d, |w| {
+                w.reserve(s);
+                w.commit(s);
+            });
+        }
+        assert_eq!(windows.evict_idle(2_000), 1);
+        assert_eq!(windows.counts(), (0, 1));
+        let view = windows.view(&f, &d).unwrap();
+        assert!(view.dormant && view.highest_seq == 10);
+        assert_eq!(windows.with(&f, &d, |w| w.reserve(7)), SeqStatus::Duplicate);
+        assert_eq!(windows.with(&f, &d, |w| w.reserve(11)), SeqStatus::New);
+        assert_eq!(windows.counts(), (1, 0));
+    }
+
+    #[test]
+    fn devices_with_deliveries_in_flight_are_not_evicted() {
+        let windows = ReplayWindows::new(64);
+        let (f, d) = ids("car-2");
+        windows.observe_clock(&f, &d, 0, 0);
+        windows.with(&f, &d, |w| w.reserve(1));
+        assert_eq!(windows.evict_idle(10), 0);
+        windows.with(&f, &d, |w| w.commit(1));
+        assert_eq!(windows.evict_idle(10), 1);
+    }
+
+    #[test]
+    fn merge_reaches_dormant_devices() {
+        let windows = ReplayWindows::new(64);
+        let (f, d) = ids("car-3");
+        windows.merge(f.clone(), d.clone(), 30, &[29]);
+        assert_eq!(windows.counts(), (0, 1));
+        windows.merge(f.clone(), d.clone(), 40, &[]);
+        assert_eq!(
+            windows.with(&f, &d, |w| w.reserve(35)),
+            SeqStatus::Duplicate
+        );
+        assert_eq!(
+            windows.with(&f, &d, |w| w.reserve(29)),
+            SeqStatus::Duplicate,
+            "the newer record says 29 was stored"
+        );
+        assert_eq!(windows.with(&f, &d, |w| w.reserve(41)), SeqStatus::New);
+    }
+
+    #[test]
+    fn clock_offset_is_smoothed() {
+        let windows = ReplayWindows::new(64);
+        let (f, d) = ids("car-4");
+        assert_eq!(windows.observe_clock(&f, &d, 0, 1_000), 1_000.0);
+        let next = windows.observe_clock(&f, &d, 1_000, 1_000);
+        assert!((next - 800.0).abs() < 1e-9, "{next}");
+        assert_eq!(windows.view(&f, &d).unwrap().clock_offset_ms, Some(next));
+    }
+
     #[derive(Debug, Clone)]
     enum Op {
         Deliver(u64),
@@ -320,6 +583,35 @@ mod tests {
                     SeqStatus::Duplicate => prop_assert!(delivered.contains(&seq)),
                     SeqStatus::TooOld => prop_assert!(!above_edge, "seq {} refused inside window", seq),
                     SeqStatus::InFlight => prop_assert!(false, "nothing is left in flight here"),
+                }
+            }
+        }
+    }
+
+    proptest! {
+        // After merging another node's record, nothing it stored is accepted here, and
+        // everything it left unstored that this node had not seen stays acceptable.
+        #[test]
+        fn merge_never_reopens_or_wrongly_closes(
+            local in proptest::collection::vec(1u64..300, 0..60),
+            highest in 1u64..300,
+            holes in proptest::collection::vec(1u64..300, 0..20),
+        ) {
+            let mut w = AntiReplayWindow::new(64);
+            let mut seen = HashSet::new();
+            for s in local {
+                if w.reserve(s) == SeqStatus::New { w.commit(s); seen.insert(s); }
+            }
+            let holes: Vec<u64> = holes.into_iter().filter(|h| *h <= highest).collect();
+            w.merge(highest, &holes);
+            let low = w.highest().saturating_sub(63).max(1);
+            for s in low..=w.highest() {
+                let stored_remote = s <= highest && s + 64 > highest && !holes.contains(&s);
+                let status = w.status(s);
+                if stored_remote || seen.contains(&s) {
+                    prop_assert_eq!(status, SeqStatus::Duplicate, "seq {}", s);
+                } else {
+                    prop_assert_eq!(status, SeqStatus::New, "seq {}", s);
                 }
             }
         }

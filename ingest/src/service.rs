@@ -12,35 +12,59 @@ use futures::future::{join_all, BoxFuture};
 use futures::FutureExt;
 
 use crate::connection::{ConnectionContext, SessionState};
-use crate::envelope::{batch_provenance, device_state_record, event_record, reject_record};
+use crate::envelope::{
+    batch_provenance, device_state_record, event_record, quarantined_record, reject_record,
+};
 use crate::events;
 use crate::pipeline::{Checked, Pipeline, Refusal};
 use crate::publish::{Delivery, EnqueueError, RecordSink};
+use crate::quarantine::QuarantineTable;
+use crate::quota::{Admission, BatchPermit, InFlightPermit, Limit};
 use crate::reject::RejectReason;
 
 /// Runs the pipeline for each frame and publishes the outcome.
 pub struct BatchHandler {
     pipeline: Pipeline,
+    quarantine: Arc<QuarantineTable>,
+    admission: Arc<Admission>,
+    offenders: Offenders,
     sink: Arc<dyn RecordSink>,
     node_id: Arc<str>,
     retry_after: Duration,
 }
 
+/// Held until the batch is answered: its share of the in-flight bound and its slot
+/// among the connection's batches.
+struct Admitted {
+    _in_flight: InFlightPermit,
+    _batch: Option<BatchPermit>,
+}
+
+/// Rate-limited batches per device since the last top-offenders log line.
+#[derive(Default)]
+struct Offenders(dashmap::DashMap<String, u64>);
+
 /// How one event of a batch ends up.
 enum Slot {
-    Pending(u64, Delivery),
+    /// Enqueued; `Some(Quarantined)` when it went to the quarantine topic.
+    Pending(u64, Delivery, Option<RejectReason>),
     Done(u64, RejectReason),
 }
 
 impl BatchHandler {
     pub fn new(
         pipeline: Pipeline,
+        quarantine: Arc<QuarantineTable>,
+        admission: Arc<Admission>,
         sink: Arc<dyn RecordSink>,
         node_id: &str,
         retry_after: Duration,
     ) -> Self {
         Self {
             pipeline,
+            quarantine,
+            admission,
+            offenders: Offenders::default(),
             sink,
             node_id: Arc::from(node_id),
             retry_after,
@@ -49,6 +73,76 @@ impl BatchHandler {
 
     pub fn pipeline(&self) -> &Pipeline {
         &self.pipeline
+    }
+
+    pub fn admission(&self) -> &Arc<Admission> {
+        &self.admission
+    }
+
+    /// Logs the devices refused most since the last call, then forgets them: who is
+    /// flooding goes to logs, not to metric labels.
+    pub fn log_top_offenders(&self, n: usize) {
+        let mut all: Vec<(String, u64)> = Vec::new();
+        self.offenders.0.retain(|k, v| {
+            all.push((k.clone(), *v));
+            false
+        });
+        all.sort_by_key(|(_, n)| std::cmp::Reverse(*n));
+        for (device, batches) in all.into_iter().take(n) {
+            tracing::warn!(device, batches, "top rate-limited device");
+        }
+    }
+
+    /// Overload first (it costs no tokens), then the connection's batch slot, then
+    /// the device, fleet and node quotas. `Err` = refuse the batch with this reason.
+    fn admit(
+        &self,
+        conn: &ConnectionContext,
+        events: u32,
+        bytes: usize,
+    ) -> Result<Admitted, (RejectReason, Option<Duration>)> {
+        let in_flight = self
+            .admission
+            .in_flight
+            .admit(events, Instant::now())
+            .map_err(|cause| {
+                events::overload_shed(cause.as_str());
+                (RejectReason::Overloaded, None)
+            })?;
+        let batch = match &conn.slot {
+            Some(slot) => Some(slot.try_start_batch().map_err(|refusal| {
+                events::overload_shed(refusal.code());
+                (RejectReason::Overloaded, None)
+            })?),
+            None => None,
+        };
+        let id = &conn.identity;
+        self.admission
+            .quotas
+            .check(
+                id.fleet_id.as_str(),
+                id.device_id.as_str(),
+                events,
+                bytes.min(u32::MAX as usize) as u32,
+            )
+            .map_err(|refusal| {
+                let reason = match refusal.limit {
+                    Limit::Device => RejectReason::RateLimitedDevice,
+                    Limit::Fleet => RejectReason::RateLimitedFleet,
+                    Limit::Global => RejectReason::RateLimitedGlobal,
+                };
+                events::rate_limited(reason, id.fleet_id.as_str(), refusal.dimension.as_str());
+                *self
+                    .offenders
+                    .0
+                    .entry(format!("{}/{}", id.fleet_id, id.device_id))
+                    .or_default() += 1;
+                (reason, Some(refusal.retry_after))
+            })?;
+        Ok(Admitted {
+            _in_flight: in_flight,
+            _batch: batch,
+        })
     }
 
     /// Checks `frame`, enqueues its records, and returns the ack to send once Kafka
@@ -105,6 +199,40 @@ impl BatchHandler {
                 .boxed()
             }
             Checked::Events { batch, verdicts } => {
+                let admitted = verdicts.iter().filter(|v| v.is_ok()).count() as u32;
+                let permits = match self.admit(conn, admitted, frame_len) {
+                    Ok(p) => p,
+                    Err((reason, retry)) => {
+                        // Nothing of the batch is published: free its reserved seqs so
+                        // the retry is accepted.
+                        let reserved: Vec<u64> = batch
+                            .events
+                            .iter()
+                            .zip(&verdicts)
+                            .filter(|(_, v)| v.is_ok())
+                            .map(|(e, _)| e.seq)
+                            .collect();
+                        let id = &conn.identity;
+                        self.pipeline
+                            .replay()
+                            .with(&id.fleet_id, &id.device_id, |w| {
+                                reserved.iter().for_each(|s| w.release(*s))
+                            });
+                        events::batch_rejected(transport, reason);
+                        let retry_ms = retry
+                            .map(|d| d.as_millis().clamp(1, u32::MAX as u128) as u32)
+                            .unwrap_or(retry_after_ms);
+                        events::batch_done(transport, "retry", started.elapsed(), frame_len);
+                        let ack = BatchAck {
+                            batch_id: batch.batch_id,
+                            events: Vec::new(),
+                            batch_verdict: Verdict::Retry as i32,
+                            batch_reason: reason.as_str().to_owned(),
+                            retry_after_ms: retry_ms,
+                        };
+                        return futures::future::ready(ack).boxed();
+                    }
+                };
                 session.update(batch.session.as_ref());
                 let base = batch_provenance(
                     &self.node_id,
@@ -115,6 +243,11 @@ impl BatchHandler {
                     batch.schema_version,
                 );
                 let batch_id = batch.batch_id;
+                let diverted = self.quarantine.check(
+                    &conn.identity.fleet_id,
+                    &conn.identity.device_id,
+                    received_at_ms,
+                );
                 let mut slots = Vec::with_capacity(batch.events.len());
                 let mut audits = Vec::new();
                 let mut halted: Option<RejectReason> = None;
@@ -141,10 +274,16 @@ impl BatchHandler {
                                 slots.push(Slot::Done(seq, reason));
                                 continue;
                             }
-                            match self.sink.enqueue(event_record(&base, event)) {
+                            let record = match &diverted {
+                                Some(decision) => quarantined_record(&base, event, decision),
+                                None => event_record(&base, event),
+                            };
+                            let outcome = diverted.as_ref().map(|_| RejectReason::Quarantined);
+                            match self.sink.enqueue(record) {
                                 Ok(d) => {
                                     let (replay, fleet, device) =
                                         (replay.clone(), fleet.clone(), device.clone());
+                                    let delivered = self.admission.in_flight.clone();
                                     // Seen for good only once Kafka acked; a failure frees the seq for the retry.
                                     let enqueued = Instant::now();
                                     let settled = d
@@ -152,6 +291,10 @@ impl BatchHandler {
                                             if r.is_ok() {
                                                 events::kafka_delivered(enqueued.elapsed());
                                             }
+                                            delivered.record_delivery(
+                                                enqueued.elapsed(),
+                                                Instant::now(),
+                                            );
                                             replay.with(&fleet, &device, |w| match &r {
                                                 Ok(()) => w.commit(seq),
                                                 Err(_) => w.release(seq),
@@ -159,7 +302,7 @@ impl BatchHandler {
                                             r
                                         })
                                         .boxed();
-                                    slots.push(Slot::Pending(seq, settled));
+                                    slots.push(Slot::Pending(seq, settled, outcome));
                                 }
                                 Err(e) => {
                                     unreserve.push(seq);
@@ -184,12 +327,14 @@ impl BatchHandler {
                         unreserve.iter().for_each(|s| w.release(*s))
                     });
                 }
+                let in_flight = self.admission.in_flight.clone();
                 async move {
+                    let _permits = permits;
                     let audits = join_all(audits);
                     let acks = join_all(slots.into_iter().map(|slot| async move {
                         match slot {
-                            Slot::Pending(seq, d) => match d.await {
-                                Ok(()) => (seq, None),
+                            Slot::Pending(seq, d, outcome) => match d.await {
+                                Ok(()) => (seq, outcome),
                                 Err(e) => {
                                     events::kafka_delivery_failed(&e.0);
                                     (seq, Some(RejectReason::DeliveryFailed))
@@ -199,7 +344,10 @@ impl BatchHandler {
                         }
                     }));
                     let (acks, _) = futures::join!(acks, audits);
-                    if acks.iter().any(|(_, reason)| reason.is_none()) {
+                    let stored = |r: &Option<RejectReason>| {
+                        matches!(r, None | Some(RejectReason::Quarantined))
+                    };
+                    if acks.iter().any(|(_, reason)| stored(reason)) {
                         // Persist the window only now that its events are stored, and
                         // before the ack: an acked event is never replayable elsewhere.
                         let (highest, unstored) =
@@ -215,6 +363,7 @@ impl BatchHandler {
                             events::device_state_write_failed(&e);
                         }
                     }
+                    events::events_in_flight(in_flight.in_flight());
                     finish(
                         batch_id,
                         acks,
@@ -226,6 +375,17 @@ impl BatchHandler {
                 }
                 .boxed()
             }
+        }
+    }
+
+    /// Audits a connection-level finding (cloned credential, revocation) on the
+    /// rejected topic, with the connection's provenance and `detail` as evidence.
+    pub fn audit_connection(&self, conn: &ConnectionContext, reason: RejectReason, detail: String) {
+        let now = crate::clock::unix_ms_now();
+        let base = batch_provenance(&self.node_id, conn, &SessionState::default(), now, 0, 0);
+        let refusal = Refusal::new(reason, detail);
+        if let Some(done) = self.audit(reject_record(&base, None, &refusal, 0), reason) {
+            tokio::spawn(done);
         }
     }
 

@@ -3,9 +3,11 @@
 //! exactly one SPIFFE URI SAN in the configured trust domain, so a certificate that
 //! names no device is refused during the handshake, before any application byte.
 
+use std::collections::HashSet;
 use std::io;
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
+use std::sync::{Arc, RwLock};
+use std::time::Duration;
 
 use rustls::client::danger::HandshakeSignatureValid;
 use rustls::crypto::CryptoProvider;
@@ -17,6 +19,7 @@ use rustls::{
     ServerConfig, SignatureScheme,
 };
 use serde::{Deserialize, Serialize};
+use x509_parser::prelude::FromDer;
 
 use crate::identity::{identity_from_cert, DeviceIdentity, IdentityError};
 
@@ -30,9 +33,13 @@ pub struct TlsConfig {
     pub client_ca: PathBuf,
     /// SPIFFE trust domain device identities must belong to.
     pub trust_domain: String,
-    /// Optional PEM CRL file of revoked device certificates.
+    /// Optional PEM CRL file of revoked device certificates; re-read when it changes,
+    /// and open connections of newly revoked certificates are closed.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub crl: Option<PathBuf>,
+    /// How often the CRL file is checked for changes.
+    #[serde(with = "humantime_serde")]
+    pub crl_reload_interval: Duration,
 }
 
 impl Default for TlsConfig {
@@ -43,6 +50,7 @@ impl Default for TlsConfig {
             client_ca: "pki/ca.pem".into(),
             trust_domain: "fleetgate.local".into(),
             crl: None,
+            crl_reload_interval: Duration::from_secs(2),
         }
     }
 }
@@ -60,12 +68,17 @@ pub enum TlsError {
     Verifier(#[from] rustls::server::VerifierBuilderError),
     #[error("tls: {0}")]
     Rustls(#[from] rustls::Error),
+    #[error("{path}: not a valid CRL: {detail}")]
+    BadCrl { path: PathBuf, detail: String },
 }
 
 /// Client-certificate verifier: WebPKI chain validation plus the SPIFFE identity rule.
+/// The WebPKI part is swapped whole when the CRL changes, so a handshake always sees
+/// one consistent revocation list.
 #[derive(Debug)]
 pub struct SpiffeClientVerifier {
-    inner: Arc<dyn ClientCertVerifier>,
+    inner: RwLock<Arc<dyn ClientCertVerifier>>,
+    roots: Arc<RootCertStore>,
     trust_domain: String,
     provider: Arc<CryptoProvider>,
 }
@@ -77,15 +90,11 @@ impl SpiffeClientVerifier {
         trust_domain: &str,
     ) -> Result<Self, TlsError> {
         let provider = Arc::new(rustls::crypto::ring::default_provider());
-        let inner = WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider.clone())
-            .with_crls(crls)
-            // Revocation is about device certificates; a fleet CA without a CRL
-            // configured must not lock out its devices.
-            .only_check_end_entity_revocation()
-            .allow_unknown_revocation_status()
-            .build()?;
+        let roots = Arc::new(roots);
+        let inner = webpki_verifier(&roots, &provider, crls)?;
         Ok(Self {
-            inner,
+            inner: RwLock::new(inner),
+            roots,
             trust_domain: trust_domain.to_owned(),
             provider,
         })
@@ -94,6 +103,36 @@ impl SpiffeClientVerifier {
     pub fn trust_domain(&self) -> &str {
         &self.trust_domain
     }
+
+    /// Replaces the revocation list; handshakes from now on are checked against it.
+    pub fn set_crls(
+        &self,
+        crls: Vec<CertificateRevocationListDer<'static>>,
+    ) -> Result<(), TlsError> {
+        let next = webpki_verifier(&self.roots, &self.provider, crls)?;
+        *self.inner.write().unwrap_or_else(|p| p.into_inner()) = next;
+        Ok(())
+    }
+
+    fn current(&self) -> Arc<dyn ClientCertVerifier> {
+        self.inner.read().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+}
+
+fn webpki_verifier(
+    roots: &Arc<RootCertStore>,
+    provider: &Arc<CryptoProvider>,
+    crls: Vec<CertificateRevocationListDer<'static>>,
+) -> Result<Arc<dyn ClientCertVerifier>, TlsError> {
+    Ok(
+        WebPkiClientVerifier::builder_with_provider(roots.clone(), provider.clone())
+            .with_crls(crls)
+            // Revocation is about device certificates; a fleet CA without a CRL
+            // configured must not lock out its devices.
+            .only_check_end_entity_revocation()
+            .allow_unknown_revocation_status()
+            .build()?,
+    )
 }
 
 impl ClientCertVerifier for SpiffeClientVerifier {
@@ -109,7 +148,7 @@ impl ClientCertVerifier for SpiffeClientVerifier {
         now: UnixTime,
     ) -> Result<ClientCertVerified, rustls::Error> {
         let verified = self
-            .inner
+            .current()
             .verify_client_cert(end_entity, intermediates, now)?;
         identity_from_cert(end_entity, &self.trust_domain).map_err(|e| {
             rustls::Error::InvalidCertificate(CertificateError::Other(OtherError(Arc::new(e))))
@@ -123,7 +162,7 @@ impl ClientCertVerifier for SpiffeClientVerifier {
         cert: &CertificateDer<'_>,
         dss: &DigitallySignedStruct,
     ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        self.inner.verify_tls12_signature(message, cert, dss)
+        self.current().verify_tls12_signature(message, cert, dss)
     }
 
     fn verify_tls13_signature(
@@ -132,7 +171,7 @@ impl ClientCertVerifier for SpiffeClientVerifier {
         cert: &CertificateDer<'_>,
         dss: &DigitallySignedStruct,
     ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        self.inner.verify_tls13_signature(message, cert, dss)
+        self.current().verify_tls13_signature(message, cert, dss)
     }
 
     fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
@@ -184,6 +223,13 @@ impl ServerTls {
 
     pub fn trust_domain(&self) -> &str {
         self.verifier.trust_domain()
+    }
+
+    /// The server certificate's notAfter (Unix seconds), for the expiry alert.
+    pub fn server_not_after(&self) -> Option<i64> {
+        let leaf = self.chain.first()?;
+        let (_, cert) = x509_parser::certificate::X509Certificate::from_der(leaf).ok()?;
+        Some(cert.validity().not_after.timestamp())
     }
 }
 
@@ -258,6 +304,28 @@ pub fn load_key(path: &Path) -> Result<PrivateKeyDer<'static>, TlsError> {
             source,
         })?
         .ok_or_else(|| TlsError::NoKey(path.to_owned()))
+}
+
+/// Serials (lowercase hex, no leading zero bytes, as in `DeviceIdentity`) revoked by
+/// `crls`; a list that does not parse is an error, never an empty set.
+pub fn revoked_serials(
+    path: &Path,
+    crls: &[CertificateRevocationListDer<'_>],
+) -> Result<HashSet<String>, TlsError> {
+    let mut serials = HashSet::new();
+    for der in crls {
+        let (_, crl) = x509_parser::revocation_list::CertificateRevocationList::from_der(der)
+            .map_err(|e| TlsError::BadCrl {
+                path: path.to_owned(),
+                detail: e.to_string(),
+            })?;
+        for revoked in crl.iter_revoked_certificates() {
+            let raw = revoked.raw_serial();
+            let first = raw.iter().position(|b| *b != 0).unwrap_or(raw.len());
+            serials.insert(hex::encode(&raw[first..]));
+        }
+    }
+    Ok(serials)
 }
 
 pub fn load_crls(path: &Path) -> Result<Vec<CertificateRevocationListDer<'static>>, TlsError> {

@@ -92,6 +92,47 @@ pub fn spiffe_uri(trust_domain: &str, fleet_id: &str, device_id: &str) -> String
     format!("spiffe://{trust_domain}/fleet/{fleet_id}/device/{device_id}")
 }
 
+/// What an operator certificate should look like: the single URI SAN
+/// `spiffe://<trust-domain>/operator/<name>` and clientAuth. Operators sign quarantine
+/// decisions with it, so their audit records are attributable to a person.
+#[derive(Debug, Clone)]
+pub struct OperatorCertSpec {
+    pub trust_domain: String,
+    pub name: String,
+    pub not_before: OffsetDateTime,
+    pub not_after: OffsetDateTime,
+}
+
+impl OperatorCertSpec {
+    /// A valid 90-day certificate for operator `name`.
+    pub fn new(trust_domain: &str, name: &str) -> Self {
+        let now = OffsetDateTime::now_utc();
+        Self {
+            trust_domain: trust_domain.to_owned(),
+            name: name.to_owned(),
+            not_before: now - Duration::hours(1),
+            not_after: now + Duration::days(90),
+        }
+    }
+
+    /// A certificate whose validity ended an hour ago.
+    pub fn expired(mut self) -> Self {
+        let now = OffsetDateTime::now_utc();
+        self.not_before = now - Duration::days(30);
+        self.not_after = now - Duration::hours(1);
+        self
+    }
+
+    pub fn spiffe_uri(&self) -> String {
+        operator_spiffe_uri(&self.trust_domain, &self.name)
+    }
+}
+
+/// `spiffe://<trust-domain>/operator/<name>`.
+pub fn operator_spiffe_uri(trust_domain: &str, name: &str) -> String {
+    format!("spiffe://{trust_domain}/operator/{name}")
+}
+
 /// A certificate authority that can issue server and device certificates and CRLs.
 pub struct DevCa {
     issuer: CertifiedIssuer<'static, KeyPair>,
@@ -145,6 +186,10 @@ impl DevCa {
         issue_device(&self.issuer, spec)
     }
 
+    pub fn issue_operator(&self, spec: &OperatorCertSpec) -> Result<Issued, PkiError> {
+        issue_operator(&self.issuer, spec)
+    }
+
     /// A CRL revoking `serials_hex`, valid for a week.
     pub fn crl_pem(&self, serials_hex: &[&str]) -> Result<String, PkiError> {
         crl_pem(&self.issuer, serials_hex)
@@ -167,6 +212,9 @@ impl LoadedCa {
     pub fn issue_device(&self, spec: &DeviceCertSpec) -> Result<Issued, PkiError> {
         issue_device(&self.issuer, spec)
     }
+    pub fn issue_operator(&self, spec: &OperatorCertSpec) -> Result<Issued, PkiError> {
+        issue_operator(&self.issuer, spec)
+    }
     pub fn crl_pem(&self, serials_hex: &[&str]) -> Result<String, PkiError> {
         crl_pem(&self.issuer, serials_hex)
     }
@@ -184,16 +232,36 @@ fn issue_server(issuer: &Issuer<'_, KeyPair>, names: &[&str]) -> Result<Issued, 
     sign(params, issuer)
 }
 
-fn issue_device(issuer: &Issuer<'_, KeyPair>, spec: &DeviceCertSpec) -> Result<Issued, PkiError> {
-    for part in [&spec.trust_domain, &spec.fleet_id, &spec.device_id] {
+fn check_names(parts: &[&String]) -> Result<(), PkiError> {
+    for part in parts {
         if part.is_empty()
             || !part
                 .chars()
                 .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-'))
         {
-            return Err(PkiError::InvalidName(part.clone()));
+            return Err(PkiError::InvalidName((*part).clone()));
         }
     }
+    Ok(())
+}
+
+fn issue_operator(
+    issuer: &Issuer<'_, KeyPair>,
+    spec: &OperatorCertSpec,
+) -> Result<Issued, PkiError> {
+    check_names(&[&spec.trust_domain, &spec.name])?;
+    let mut params = CertificateParams::default();
+    params.distinguished_name = dn(&format!("operator {}", spec.name));
+    params.subject_alt_names = vec![SanType::URI(spec.spiffe_uri().try_into()?)];
+    params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
+    params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
+    params.not_before = spec.not_before;
+    params.not_after = spec.not_after;
+    sign(params, issuer)
+}
+
+fn issue_device(issuer: &Issuer<'_, KeyPair>, spec: &DeviceCertSpec) -> Result<Issued, PkiError> {
+    check_names(&[&spec.trust_domain, &spec.fleet_id, &spec.device_id])?;
     let mut params = CertificateParams::default();
     params.distinguished_name = dn(&format!("{}/{}", spec.fleet_id, spec.device_id));
     let mut uris = Vec::new();
@@ -319,6 +387,37 @@ mod tests {
         let ca = DevCa::generate("test ca").unwrap();
         let err = ca
             .issue_device(&DeviceCertSpec::new("fleetgate.test", "f1", "d1/../x"))
+            .unwrap_err();
+        assert!(matches!(err, PkiError::InvalidName(_)));
+    }
+
+    #[test]
+    fn operator_cert_is_a_p256_client_cert_with_the_operator_uri() {
+        let ca = DevCa::generate("test ca").unwrap();
+        let spec = OperatorCertSpec::new("fleetgate.test", "alice");
+        assert_eq!(spec.spiffe_uri(), "spiffe://fleetgate.test/operator/alice");
+        let issued = ca.issue_operator(&spec).unwrap();
+        let (_, pem) = x509_parser::pem::parse_x509_pem(issued.cert_pem.as_bytes()).unwrap();
+        let cert = pem.parse_x509().unwrap();
+        let uris: Vec<String> = cert
+            .subject_alternative_name()
+            .unwrap()
+            .expect("has a SAN extension")
+            .value
+            .general_names
+            .iter()
+            .map(|name| match name {
+                x509_parser::extensions::GeneralName::URI(u) => u.to_string(),
+                other => panic!("unexpected SAN {other:?}"),
+            })
+            .collect();
+        let eku = cert.extended_key_usage().unwrap().expect("has EKU").value;
+        assert!(eku.client_auth && !eku.server_auth);
+        assert_eq!(uris, ["spiffe://fleetgate.test/operator/alice"]);
+        let key = KeyPair::from_pem(&issued.key_pem).unwrap();
+        assert!(key.is_compatible(&rcgen::PKCS_ECDSA_P256_SHA256));
+        let err = ca
+            .issue_operator(&OperatorCertSpec::new("fleetgate.test", "a/../b"))
             .unwrap_err();
         assert!(matches!(err, PkiError::InvalidName(_)));
     }

@@ -4,7 +4,7 @@ use std::path::PathBuf;
 
 use anyhow::Context;
 use clap::{Parser, Subcommand};
-use fleetgate_pki::{DevCa, DeviceCertSpec};
+use fleetgate_pki::{DevCa, DeviceCertSpec, OperatorCertSpec};
 
 #[derive(Parser)]
 #[command(
@@ -39,6 +39,17 @@ enum Command {
         device: String,
         #[arg(long)]
         count: Option<u32>,
+    },
+    /// Issue an operator certificate (signs quarantine decisions) into
+    /// DIR/operators/<name>.{pem,key}.
+    Operator {
+        #[arg(long)]
+        dir: PathBuf,
+        #[arg(long, default_value = "fleetgate.local")]
+        trust_domain: String,
+        /// Operator name: [A-Za-z0-9._-]; becomes spiffe://<trust-domain>/operator/<name>.
+        #[arg(long)]
+        name: String,
     },
     /// Write DIR/crl.pem revoking the given certificate serials (hex).
     Revoke {
@@ -78,6 +89,19 @@ fn main() -> anyhow::Result<()> {
                 issued.write(&out, id)?;
                 println!("{fleet}/{id} serial={}", issued.serial_hex);
             }
+        }
+        Command::Operator {
+            dir,
+            trust_domain,
+            name,
+        } => {
+            let ca = DevCa::load(&dir)?;
+            let spec = OperatorCertSpec::new(&trust_domain, &name);
+            let issued = ca.issue_operator(&spec)?;
+            let out = dir.join("operators");
+            std::fs::create_dir_all(&out).with_context(|| format!("creating {}", out.display()))?;
+            issued.write(&out, &name)?;
+            println!("{} serial={}", spec.spiffe_uri(), issued.serial_hex);
         }
         Command::Revoke { dir, serials } => {
             let ca = DevCa::load(&dir)?;

@@ -2,7 +2,13 @@
 //! event whose ack was lost), so everything here dedupes by `(device, seq)` before
 //! counting.
 
+pub mod config;
 pub mod dedupe;
+pub mod detect;
+pub mod metrics;
+pub mod parquet;
+pub mod policy;
+pub mod run;
 pub mod summary;
 pub mod topic;
 

@@ -14,6 +14,16 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
+    /// Run the anomaly detectors as a consumer group: findings to the anomalies topic,
+    /// quarantine decisions to the quarantine topic.
+    Run {
+        /// TOML configuration file; FLEETGATE_* variables override it.
+        #[arg(long)]
+        config: Option<std::path::PathBuf>,
+        /// Print the effective configuration and exit.
+        #[arg(long)]
+        print_config: bool,
+    },
     /// Read a topic from beginning to its current end and summarize it, deduped.
     Summarize {
         #[arg(long, env = "FLEETGATE_BOOTSTRAP_SERVERS")]
@@ -31,10 +41,17 @@ enum Command {
         #[arg(long, default_value_t = 30)]
         idle_timeout_secs: u64,
     },
+    /// Write accepted events to Parquet files partitioned by fleet and hour; prints
+    /// counters as JSON on exit.
+    Parquet(fleetgate_processor::parquet::ParquetArgs),
 }
 
 fn main() -> anyhow::Result<()> {
     match Cli::parse().command {
+        Command::Run {
+            config,
+            print_config,
+        } => fleetgate_processor::run::run_command(config.as_deref(), print_config)?,
         Command::Summarize {
             bootstrap_servers,
             topic,
@@ -54,6 +71,19 @@ fn main() -> anyhow::Result<()> {
             } else {
                 print!("{summary}");
             }
+        }
+        Command::Parquet(args) => {
+            let (opts, schema) = args.into_options()?;
+            let stop = fleetgate_processor::parquet::stop_on_signal();
+            let stats = fleetgate_processor::parquet::run_parquet_sink(&opts, schema, &stop)
+                .with_context(|| {
+                    format!(
+                        "parquet sink from {} into {}",
+                        opts.topic,
+                        opts.out.display()
+                    )
+                })?;
+            println!("{}", serde_json::to_string(&stats)?);
         }
     }
     Ok(())

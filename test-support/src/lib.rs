@@ -44,6 +44,26 @@ pub fn tansu_bin() -> PathBuf {
     home.join(".cargo/bin/tansu")
 }
 
+/// Another binary of this workspace, from the target dir the running test was built
+/// into (`cargo test --workspace` builds every binary first). Fails with the command to
+/// run when it is missing, rather than testing a stale or absent build silently.
+pub fn workspace_bin(name: &str) -> anyhow::Result<PathBuf> {
+    let exe = std::env::current_exe()?;
+    // target/<profile>/deps/<test> -> target/<profile>/<name>
+    let dir = exe
+        .parent()
+        .and_then(Path::parent)
+        .context("test binary has no target dir")?;
+    let bin = dir.join(format!("{name}{}", std::env::consts::EXE_SUFFIX));
+    if !bin.is_file() {
+        bail!(
+            "{} missing: run `cargo build --workspace` (or `cargo test --workspace`) first",
+            bin.display()
+        );
+    }
+    Ok(bin)
+}
+
 /// A loopback port that was free a moment ago.
 pub fn free_port() -> u16 {
     TcpListener::bind("127.0.0.1:0")
@@ -208,6 +228,9 @@ pub struct Ingest {
     pub grpc: SocketAddr,
     pub metrics: SocketAddr,
     pub quic: SocketAddr,
+    /// The config file the process was started with (rewrite it, then [`Ingest::signal`]
+    /// `HUP`, to test a reload).
+    pub config: PathBuf,
     stderr_path: PathBuf,
     _dir: tempfile::TempDir,
 }
@@ -268,6 +291,7 @@ impl Ingest {
             grpc: field("grpc=")?,
             metrics: field("metrics=")?,
             quic: field("quic=")?,
+            config,
             child,
             stderr_path,
             _dir: dir,
@@ -280,6 +304,15 @@ impl Ingest {
 
     pub fn logs(&self) -> String {
         std::fs::read_to_string(&self.stderr_path).unwrap_or_default()
+    }
+
+    /// Sends a signal by name (`HUP`, `TERM`, ...) to the process.
+    pub fn signal(&self, name: &str) -> anyhow::Result<()> {
+        let status = Command::new("kill")
+            .args([&format!("-{name}"), &self.child.id().to_string()])
+            .status()?;
+        anyhow::ensure!(status.success(), "kill -{name} failed");
+        Ok(())
     }
 
     /// SIGTERM, then wait for a clean exit.
