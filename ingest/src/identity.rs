@@ -72,6 +72,8 @@ pub enum IdentityError {
     BadPath(String),
     #[error("invalid identity component {0:?}")]
     InvalidComponent(String),
+    #[error("fleet {fleet:?} must be issued by its own CA ({detail})")]
+    FleetCaMismatch { fleet: String, detail: &'static str },
 }
 
 impl IdentityError {
@@ -83,6 +85,7 @@ impl IdentityError {
             Self::AmbiguousSpiffeId(_) => "spiffe_id_ambiguous",
             Self::ForeignTrustDomain { .. } => "spiffe_trust_domain",
             Self::BadPath(_) | Self::InvalidComponent(_) => "spiffe_id_invalid",
+            Self::FleetCaMismatch { .. } => "fleet_ca_mismatch",
         }
     }
 }

@@ -26,7 +26,7 @@ fn main() -> anyhow::Result<()> {
     let cfg: IngestConfig =
         fleetgate_config::load(cli.config.as_deref()).context("loading configuration")?;
     if cli.print_config {
-        print!("{}", fleetgate_config::render(&cfg));
+        print!("{}", fleetgate_config::render(&redacted(&cfg)));
         return Ok(());
     }
     cfg.validate()
@@ -56,6 +56,22 @@ fn main() -> anyhow::Result<()> {
     })
 }
 
+/// The config with secret-looking Kafka properties masked, for `--print-config`.
+fn redacted(cfg: &IngestConfig) -> IngestConfig {
+    let mut shown = cfg.clone();
+    for (key, value) in shown.kafka.properties.iter_mut() {
+        let k = key.to_ascii_lowercase();
+        if ["password", "secret", "token", "key"]
+            .iter()
+            .any(|s| k.contains(s))
+            && !k.ends_with(".location")
+        {
+            *value = "<redacted>".into();
+        }
+    }
+    shown
+}
+
 fn init_logging(format: &str) {
     let filter = tracing_subscriber::EnvFilter::try_from_env("FLEETGATE_LOG")
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,rdkafka=warn"));
@@ -82,4 +98,31 @@ async fn wait_for_signal() {
     }
     #[cfg(not(unix))]
     let _ = ctrl_c.await;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn print_config_masks_secrets_but_not_file_locations() {
+        let mut cfg = IngestConfig::default();
+        for (k, v) in [
+            ("sasl.password", "hunter2"),
+            ("ssl.key.password", "k"),
+            ("ssl.key.location", "/etc/kafka/client.key"),
+            ("linger.ms", "5"),
+        ] {
+            cfg.kafka.properties.insert(k.into(), v.into());
+        }
+        let shown = redacted(&cfg).kafka.properties;
+        assert_eq!(shown["sasl.password"], "<redacted>");
+        assert_eq!(shown["ssl.key.password"], "<redacted>");
+        assert_eq!(shown["ssl.key.location"], "/etc/kafka/client.key");
+        assert_eq!(shown["linger.ms"], "5");
+        assert_eq!(
+            cfg.kafka.properties["sasl.password"], "hunter2",
+            "running config untouched"
+        );
+    }
 }

@@ -3,7 +3,7 @@
 //! exactly one SPIFFE URI SAN in the configured trust domain, so a certificate that
 //! names no device is refused during the handshake, before any application byte.
 
-use std::collections::HashSet;
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::io;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, RwLock};
@@ -37,6 +37,11 @@ pub struct TlsConfig {
     /// and open connections of newly revoked certificates are closed.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub crl: Option<PathBuf>,
+    /// Fleets with a CA of their own (fleet id -> PEM file). Such a CA may only issue
+    /// that fleet's devices, and that fleet's devices must come from it. Fleets not
+    /// listed use `client_ca` (a shared CA; the fleet is whatever the SAN names).
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub fleet_cas: BTreeMap<String, PathBuf>,
     /// How often the CRL file is checked for changes.
     #[serde(with = "humantime_serde")]
     pub crl_reload_interval: Duration,
@@ -50,6 +55,7 @@ impl Default for TlsConfig {
             client_ca: "pki/ca.pem".into(),
             trust_domain: "fleetgate.local".into(),
             crl: None,
+            fleet_cas: BTreeMap::new(),
             crl_reload_interval: Duration::from_secs(2),
         }
     }
@@ -68,6 +74,8 @@ pub enum TlsError {
     Verifier(#[from] rustls::server::VerifierBuilderError),
     #[error("tls: {0}")]
     Rustls(#[from] rustls::Error),
+    #[error("tls.fleet_cas: {0}")]
+    FleetCa(String),
     #[error("{path}: not a valid CRL: {detail}")]
     BadCrl { path: PathBuf, detail: String },
 }
@@ -81,6 +89,43 @@ pub struct SpiffeClientVerifier {
     roots: Arc<RootCertStore>,
     trust_domain: String,
     provider: Arc<CryptoProvider>,
+    fleet_cas: FleetCas,
+}
+
+/// Which fleet each dedicated CA serves, by the CA's subject name (DER).
+#[derive(Debug, Default)]
+pub struct FleetCas {
+    by_subject: HashMap<Vec<u8>, String>,
+    by_fleet: HashMap<String, Vec<u8>>,
+}
+
+impl FleetCas {
+    /// Enforces the binding for a chain webpki already verified: the name of the CA
+    /// the chain ends at (the issuer of its top certificate) must be the fleet's own
+    /// CA if it has one, and a fleet CA may not vouch for another fleet.
+    pub fn check(
+        &self,
+        fleet: &str,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+    ) -> Result<(), IdentityError> {
+        if self.by_fleet.is_empty() {
+            return Ok(());
+        }
+        let top = intermediates.last().unwrap_or(end_entity);
+        let (_, cert) = x509_parser::certificate::X509Certificate::from_der(top)
+            .map_err(|_| IdentityError::Unparseable)?;
+        let anchor = cert.issuer().as_raw();
+        let mismatch = |detail| IdentityError::FleetCaMismatch {
+            fleet: fleet.to_owned(),
+            detail,
+        };
+        match (self.by_fleet.get(fleet), self.by_subject.get(anchor)) {
+            (Some(own), _) if own.as_slice() != anchor => Err(mismatch("issued by another CA")),
+            (None, Some(_)) => Err(mismatch("a fleet CA issued another fleet's device")),
+            _ => Ok(()),
+        }
+    }
 }
 
 impl SpiffeClientVerifier {
@@ -88,6 +133,7 @@ impl SpiffeClientVerifier {
         roots: RootCertStore,
         crls: Vec<CertificateRevocationListDer<'static>>,
         trust_domain: &str,
+        fleet_cas: FleetCas,
     ) -> Result<Self, TlsError> {
         let provider = Arc::new(rustls::crypto::ring::default_provider());
         let roots = Arc::new(roots);
@@ -97,6 +143,7 @@ impl SpiffeClientVerifier {
             roots,
             trust_domain: trust_domain.to_owned(),
             provider,
+            fleet_cas,
         })
     }
 
@@ -150,9 +197,13 @@ impl ClientCertVerifier for SpiffeClientVerifier {
         let verified = self
             .current()
             .verify_client_cert(end_entity, intermediates, now)?;
-        identity_from_cert(end_entity, &self.trust_domain).map_err(|e| {
+        let refuse = |e: IdentityError| {
             rustls::Error::InvalidCertificate(CertificateError::Other(OtherError(Arc::new(e))))
-        })?;
+        };
+        let id = identity_from_cert(end_entity, &self.trust_domain).map_err(refuse)?;
+        self.fleet_cas
+            .check(id.fleet_id.as_str(), end_entity, intermediates)
+            .map_err(refuse)?;
         Ok(verified)
     }
 
@@ -193,14 +244,40 @@ impl ServerTls {
         let chain = load_certs(&cfg.server_cert)?;
         let key = load_key(&cfg.server_key)?;
         let mut roots = RootCertStore::empty();
+        let mut shared_subjects = HashSet::new();
         for ca in load_certs(&cfg.client_ca)? {
+            shared_subjects.insert(subject_of(&ca)?);
             roots.add(ca)?;
+        }
+        let mut fleet_cas = FleetCas::default();
+        for (fleet, path) in &cfg.fleet_cas {
+            crate::identity::FleetId::parse(fleet)
+                .map_err(|_| TlsError::FleetCa(format!("{fleet:?} is not a valid fleet id")))?;
+            for ca in load_certs(path)? {
+                let subject = subject_of(&ca)?;
+                // Chains are told apart by the anchor's name: names must be unique.
+                if shared_subjects.contains(&subject) || fleet_cas.by_subject.contains_key(&subject)
+                {
+                    return Err(TlsError::FleetCa(format!(
+                        "{}: CA name is not unique among the trusted CAs",
+                        path.display()
+                    )));
+                }
+                fleet_cas.by_subject.insert(subject.clone(), fleet.clone());
+                fleet_cas.by_fleet.insert(fleet.clone(), subject);
+                roots.add(ca)?;
+            }
         }
         let crls = match &cfg.crl {
             Some(path) => load_crls(path)?,
             None => Vec::new(),
         };
-        let verifier = Arc::new(SpiffeClientVerifier::new(roots, crls, &cfg.trust_domain)?);
+        let verifier = Arc::new(SpiffeClientVerifier::new(
+            roots,
+            crls,
+            &cfg.trust_domain,
+            fleet_cas,
+        )?);
         Ok(Self {
             verifier,
             chain,
@@ -304,6 +381,12 @@ pub fn load_key(path: &Path) -> Result<PrivateKeyDer<'static>, TlsError> {
             source,
         })?
         .ok_or_else(|| TlsError::NoKey(path.to_owned()))
+}
+
+fn subject_of(ca: &CertificateDer<'_>) -> Result<Vec<u8>, TlsError> {
+    let (_, cert) = x509_parser::certificate::X509Certificate::from_der(ca)
+        .map_err(|e| TlsError::FleetCa(format!("unparseable CA certificate: {e}")))?;
+    Ok(cert.subject().as_raw().to_vec())
 }
 
 /// Serials (lowercase hex, no leading zero bytes, as in `DeviceIdentity`) revoked by

@@ -306,3 +306,68 @@ async fn the_device_clock_offset_is_tracked_and_exposed() {
     assert!(missing.contains("404"), "{missing}");
     dev.close().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_fleet_with_its_own_ca_accepts_only_that_ca_and_that_ca_only_that_fleet() {
+    let broker = Broker::start().unwrap();
+    let pki = TestPki::new().unwrap();
+    let fleet_b_ca = fleetgate_pki::DevCa::generate("fleet-b CA").unwrap();
+    let ca_path = pki.dir().join("fleet-b-ca.pem");
+    std::fs::write(&ca_path, fleet_b_ca.cert_pem()).unwrap();
+    let ingest = spawn_ingest(
+        &broker,
+        &pki,
+        &format!("[tls.fleet_cas]\nfleet-b = \"{}\"\n", ca_path.display()),
+        &[],
+    );
+    let stack = Stack {
+        broker,
+        pki,
+        ingest,
+    };
+    let spec = |fleet: &str, device: &str| {
+        fleetgate_pki::DeviceCertSpec::new(fleetgate_test_support::TRUST_DOMAIN, fleet, device)
+    };
+    let own = fleet_b_ca.issue_device(&spec("fleet-b", "car-1")).unwrap();
+    let from_shared = stack.pki.issue(&spec("fleet-b", "car-2"));
+    let foreign = fleet_b_ca.issue_device(&spec("fleet-a", "car-3")).unwrap();
+    let shared_ok = stack.pki.issue(&spec("fleet-a", "car-4"));
+
+    for (wire, issued, allowed) in [
+        (Wire::Grpc, &own, true),
+        (Wire::Quic, &own, true),
+        (Wire::Grpc, &from_shared, false),
+        (Wire::Quic, &foreign, false),
+        (Wire::Grpc, &foreign, false),
+        (Wire::Quic, &shared_ok, true),
+    ] {
+        let got_through = match stack.connect_on(wire, Some(issued)).await {
+            Ok(mut d) => {
+                let ok = d
+                    .send(&batch(1, vec![event(1, 1.0)]))
+                    .await
+                    .map(|a| all_accepted(&a))
+                    .unwrap_or(false);
+                d.close().await;
+                ok
+            }
+            Err(_) => false,
+        };
+        assert_eq!(
+            got_through,
+            allowed,
+            "{} {:?}",
+            wire.label(),
+            issued.serial_hex
+        );
+    }
+    let refused = eventually_at_least(2.0, || {
+        stack.metric_on(
+            Wire::Grpc,
+            "fleetgate_handshakes_total",
+            &[("outcome", "fleet_ca_mismatch")],
+        )
+    })
+    .await;
+    assert!(refused >= 2.0, "{refused}");
+}

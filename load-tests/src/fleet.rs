@@ -41,28 +41,36 @@ impl Target {
 
 /// One device connection over either transport; the batch, ack and retry logic
 /// above it is shared.
-enum Conn {
+pub enum Conn {
     Grpc(GrpcDevice),
     Quic(QuicDevice),
 }
 
 impl Conn {
-    async fn connect(target: &Target, tls: &ClientTls) -> Result<Self, ClientError> {
+    pub async fn connect(target: &Target, tls: &ClientTls) -> Result<Self, ClientError> {
         Ok(match target {
             Target::Grpc { endpoint } => Conn::Grpc(GrpcDevice::connect(endpoint, tls).await?),
             Target::Quic { addr } => Conn::Quic(QuicDevice::connect(*addr, tls).await?),
         })
     }
 
-    async fn send(&mut self, batch: &TelemetryBatch) -> Result<BatchAck, ClientError> {
+    pub async fn send(&mut self, batch: &TelemetryBatch) -> Result<BatchAck, ClientError> {
         match self {
             Conn::Grpc(c) => c.send(batch).await,
             Conn::Quic(c) => c.send(batch).await,
         }
     }
 
+    /// Sends arbitrary bytes as one frame (attack scenarios).
+    pub async fn send_raw(&mut self, frame: bytes::Bytes) -> Result<BatchAck, ClientError> {
+        match self {
+            Conn::Grpc(c) => c.send_raw(frame).await,
+            Conn::Quic(c) => c.send_raw(frame).await,
+        }
+    }
+
     /// Closes a QUIC connection gracefully; a gRPC stream just ends when dropped.
-    async fn close(self) {
+    pub async fn close(self) {
         match self {
             Conn::Grpc(_) => {}
             Conn::Quic(c) => c.close().await,
@@ -192,7 +200,7 @@ async fn run_device(
             .collect();
         if let Err(e) = send_with_retries(
             &mut conn,
-            &plan,
+            plan.max_attempts,
             &session,
             events,
             &mut next_batch_id,
@@ -214,9 +222,9 @@ async fn run_device(
 
 /// Sends `events` until each has a final verdict or attempts run out. On a stream
 /// error, the events still without a verdict are counted `not_acked`.
-async fn send_with_retries(
+pub async fn send_with_retries(
     conn: &mut Conn,
-    plan: &FleetPlan,
+    max_attempts: u32,
     session: &SessionContext,
     mut pending: Vec<TelemetryEvent>,
     next_batch_id: &mut u64,
@@ -274,7 +282,7 @@ async fn send_with_retries(
         if retry.is_empty() {
             return Ok(());
         }
-        if attempt >= plan.max_attempts {
+        if attempt >= max_attempts {
             *out.rejected.entry("retry_exhausted".into()).or_default() += retry.len() as u64;
             return Ok(());
         }
@@ -295,7 +303,7 @@ fn non_empty(reason: &str, fallback: &str) -> String {
 }
 
 /// `outer: inner: root`, since tonic's top-level messages alone say little.
-fn error_chain(e: &dyn std::error::Error) -> String {
+pub fn error_chain(e: &dyn std::error::Error) -> String {
     let mut text = e.to_string();
     let mut source = e.source();
     while let Some(s) = source {
@@ -306,7 +314,7 @@ fn error_chain(e: &dyn std::error::Error) -> String {
     text
 }
 
-fn unix_ms_now() -> i64 {
+pub fn unix_ms_now() -> i64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map(|d| d.as_millis() as i64)

@@ -1,5 +1,10 @@
-//! Pure parts of the load generator: synthetic vehicles and the run report. The
-//! network side lives in the binary so these stay testable without sockets.
+//! Pure parts of the load generator: synthetic vehicles, the recording format, the
+//! fleet generator, replay timing and the run report. The network side lives in the
+//! binary so these stay testable without sockets.
 
+pub mod attack;
 pub mod drive;
+pub mod generate;
+pub mod recording;
+pub mod replay_plan;
 pub mod report;

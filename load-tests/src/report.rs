@@ -28,6 +28,7 @@ pub struct DeviceOutcome {
 pub struct Latency {
     pub samples: usize,
     pub p50_ms: f64,
+    pub p90_ms: f64,
     pub p99_ms: f64,
     pub max_ms: f64,
 }
@@ -44,6 +45,7 @@ impl Latency {
         Self {
             samples: samples.len(),
             p50_ms: rank(0.50),
+            p90_ms: rank(0.90),
             p99_ms: rank(0.99),
             max_ms: samples.last().copied().map_or(0.0, ms),
         }
@@ -68,6 +70,31 @@ pub struct Report {
     pub elapsed_s: f64,
     pub events_per_s: f64,
     pub errors: Vec<String>,
+    /// Attack scenarios mixed into a replay (absent when none ran).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub attacks: Vec<AttackResult>,
+}
+
+/// What one attack scenario expected ingest to answer and what it answered.
+#[derive(Debug, Clone, Default, PartialEq, Serialize)]
+pub struct AttackResult {
+    pub scenario: String,
+    /// Any of these reason codes is a correct answer.
+    pub expected: Vec<String>,
+    /// Reason code (or `accepted`) -> number of probe events or frames answered so.
+    pub received: BTreeMap<String, u64>,
+    /// Set when the attacker could not connect or a setup step failed.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+}
+
+impl AttackResult {
+    /// True when every probe got one of the expected reasons (and at least one did).
+    pub fn as_expected(&self) -> bool {
+        self.error.is_none()
+            && !self.received.is_empty()
+            && self.received.keys().all(|r| self.expected.contains(r))
+    }
 }
 
 impl Report {
@@ -111,6 +138,11 @@ impl Report {
     pub fn all_accepted(&self) -> bool {
         self.devices_failed == 0 && self.accepted == self.events_sent
     }
+
+    /// True when every attack scenario got only its expected reasons.
+    pub fn attacks_as_expected(&self) -> bool {
+        self.attacks.iter().all(AttackResult::as_expected)
+    }
 }
 
 impl fmt::Display for Report {
@@ -132,8 +164,8 @@ impl fmt::Display for Report {
         writeln!(f, "  retried        {}", self.retried)?;
         writeln!(
             f,
-            "  ack latency    p50 {:.1} ms  p99 {:.1} ms  max {:.1} ms  ({} batches)",
-            l.p50_ms, l.p99_ms, l.max_ms, l.samples
+            "  ack latency    p50 {:.1} ms  p90 {:.1} ms  p99 {:.1} ms  max {:.1} ms  ({} batches)",
+            l.p50_ms, l.p90_ms, l.p99_ms, l.max_ms, l.samples
         )?;
         writeln!(
             f,
@@ -142,6 +174,32 @@ impl fmt::Display for Report {
         )?;
         for e in &self.errors {
             writeln!(f, "  error: {e}")?;
+        }
+        if !self.attacks.is_empty() {
+            writeln!(
+                f,
+                "  attacks (honest loss {})",
+                self.events_sent - self.accepted
+            )?;
+        }
+        for a in &self.attacks {
+            let got: Vec<String> = a.received.iter().map(|(r, n)| format!("{r}={n}")).collect();
+            writeln!(
+                f,
+                "    {:<18} {:<4} expected {} got {}{}",
+                a.scenario,
+                if a.as_expected() { "ok" } else { "FAIL" },
+                a.expected.join("|"),
+                if got.is_empty() {
+                    "nothing".into()
+                } else {
+                    got.join(",")
+                },
+                a.error
+                    .as_deref()
+                    .map(|e| format!(" ({e})"))
+                    .unwrap_or_default()
+            )?;
         }
         Ok(())
     }
@@ -155,7 +213,10 @@ mod tests {
     fn percentiles_use_nearest_rank() {
         let mut v: Vec<Duration> = (1..=100).map(Duration::from_millis).collect();
         let l = Latency::of(&mut v);
-        assert_eq!((l.p50_ms, l.p99_ms, l.max_ms), (50.0, 99.0, 100.0));
+        assert_eq!(
+            (l.p50_ms, l.p90_ms, l.p99_ms, l.max_ms),
+            (50.0, 90.0, 99.0, 100.0)
+        );
         assert_eq!(Latency::of(&mut []), Latency::default());
     }
 
@@ -175,5 +236,19 @@ mod tests {
         assert!(!r.all_accepted());
         assert_eq!(r.transport, "grpc");
         assert!(Report::new("f", "quic", vec![ok], Duration::from_secs(1)).all_accepted());
+    }
+
+    #[test]
+    fn attack_passes_only_with_expected_reasons() {
+        let mut a = AttackResult {
+            scenario: "stale-clock".into(),
+            expected: vec!["stale".into()],
+            ..Default::default()
+        };
+        assert!(!a.as_expected(), "no answer is not a pass");
+        a.received.insert("stale".into(), 3);
+        assert!(a.as_expected());
+        a.received.insert("accepted".into(), 1);
+        assert!(!a.as_expected());
     }
 }

@@ -1,0 +1,308 @@
+//! Replays a recording: one task, one mTLS connection and one certificate per
+//! recorded device, batches sent at their recorded offsets divided by the speed (or
+//! back to back at `max`), timestamps rebased to the wall clock, RETRY verdicts
+//! honoured with bounded attempts. Optional attackers run alongside on their own
+//! connections. Certificates missing from the PKI dir are issued in memory.
+
+use std::collections::BTreeMap;
+use std::path::Path;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+use fleetgate_client::ClientTls;
+use fleetgate_loadgen::attack::{self, Attack};
+use fleetgate_loadgen::replay_plan::{rebase, DeviceReplay, Speed};
+use fleetgate_loadgen::report::{AttackResult, DeviceOutcome};
+use fleetgate_pki::{DevCa, DeviceCertSpec, LoadedCa};
+use fleetgate_proto::{SessionContext, Verdict};
+use tokio::sync::Barrier;
+use tokio::task::JoinSet;
+
+use crate::fleet::{error_chain, send_with_retries, unix_ms_now, Conn, DeviceCredentials, Target};
+
+/// How a replay runs.
+#[derive(Debug, Clone)]
+pub struct ReplayOptions {
+    pub target: Target,
+    pub server_name: String,
+    pub speed: Speed,
+    pub max_attempts: u32,
+    /// Ingest's `limits.max_frame_bytes`, for the oversized attack.
+    pub max_frame_bytes: usize,
+    /// Time between progress lines on stderr (zero: none).
+    pub progress_every: Duration,
+}
+
+/// Reads `<pki>/devices/<fleet>/<id>.{pem,key}` for each id, issuing (in memory, from
+/// `<pki>/ca.pem` + `ca.key`) the ones that are missing. Returns the credentials and
+/// how many were issued.
+pub fn credentials(
+    pki_dir: &Path,
+    fleet: &str,
+    trust_domain: &str,
+    ids: &[String],
+) -> anyhow::Result<(Vec<DeviceCredentials>, usize)> {
+    let dir = pki_dir.join("devices").join(fleet);
+    let mut ca: Option<LoadedCa> = None;
+    let mut issued = 0;
+    let mut out = Vec::with_capacity(ids.len());
+    for id in ids {
+        let (cert, key) = (dir.join(format!("{id}.pem")), dir.join(format!("{id}.key")));
+        if cert.is_file() && key.is_file() {
+            let read = |p: &Path| {
+                std::fs::read_to_string(p).with_context(|| format!("reading {}", p.display()))
+            };
+            out.push(DeviceCredentials {
+                device_id: id.clone(),
+                cert_pem: read(&cert)?,
+                key_pem: read(&key)?,
+            });
+            continue;
+        }
+        if ca.is_none() {
+            ca = Some(DevCa::load(pki_dir).with_context(|| {
+                format!(
+                    "no certificate for {fleet}/{id} in {} and no CA (ca.pem + ca.key) there to issue one",
+                    dir.display()
+                )
+            })?);
+        }
+        let i = ca
+            .as_ref()
+            .expect("loaded just above")
+            .issue_device(&DeviceCertSpec::new(trust_domain, fleet, id))
+            .with_context(|| format!("issuing a certificate for {fleet}/{id}"))?;
+        issued += 1;
+        out.push(DeviceCredentials {
+            device_id: id.clone(),
+            cert_pem: i.cert_pem,
+            key_pem: i.key_pem,
+        });
+    }
+    Ok((out, issued))
+}
+
+/// Shared counters behind the progress lines.
+#[derive(Default)]
+struct Progress {
+    batches: AtomicU64,
+    events: AtomicU64,
+}
+
+/// Runs every device (and attacker) and returns the honest outcomes, the time from
+/// the common start to the last honest ack, and the attack results.
+pub async fn run_replay(
+    opts: ReplayOptions,
+    server_ca_pem: String,
+    devices: Vec<(DeviceReplay, DeviceCredentials)>,
+    attackers: Vec<(Attack, DeviceCredentials)>,
+) -> (Vec<DeviceOutcome>, Duration, Vec<AttackResult>) {
+    let total_events: u64 = devices.iter().map(|(d, _)| d.events()).sum();
+    let victim = devices
+        .first()
+        .map(|(d, _)| d.device_id.clone())
+        .unwrap_or_default();
+    let tls_for = |creds: &DeviceCredentials| ClientTls {
+        server_ca_pem: server_ca_pem.clone(),
+        identity: Some((creds.cert_pem.clone(), creds.key_pem.clone())),
+        server_name: opts.server_name.clone(),
+    };
+    // Everyone connects first, then all start together.
+    let barrier = Arc::new(Barrier::new(devices.len() + 1));
+    let progress = Arc::new(Progress::default());
+    let mut tasks = JoinSet::new();
+    for (replay, creds) in devices {
+        let tls = tls_for(&creds);
+        tasks.spawn(run_device(
+            opts.clone(),
+            tls,
+            replay,
+            barrier.clone(),
+            progress.clone(),
+        ));
+    }
+    let mut attack_tasks = JoinSet::new();
+    for (a, creds) in attackers {
+        let tls = tls_for(&creds);
+        let (opts, victim) = (opts.clone(), victim.clone());
+        attack_tasks.spawn(async move { run_attack(&opts, &tls, a, &victim).await });
+    }
+    barrier.wait().await;
+    let started = Instant::now();
+    let reporter = (!opts.progress_every.is_zero()).then(|| {
+        let (p, every) = (progress.clone(), opts.progress_every);
+        tokio::spawn(async move {
+            loop {
+                tokio::time::sleep(every).await;
+                eprintln!(
+                    "replay: {:.0} s, {} batches, {}/{} events acked",
+                    started.elapsed().as_secs_f64(),
+                    p.batches.load(Ordering::Relaxed),
+                    p.events.load(Ordering::Relaxed),
+                    total_events
+                );
+            }
+        })
+    });
+    let mut outcomes = Vec::new();
+    let mut conns = Vec::new();
+    while let Some(joined) = tasks.join_next().await {
+        match joined {
+            Ok((outcome, conn)) => {
+                outcomes.push(outcome);
+                conns.extend(conn);
+            }
+            Err(e) => outcomes.push(DeviceOutcome {
+                error: Some(format!("device task failed: {e}")),
+                ..Default::default()
+            }),
+        }
+    }
+    let elapsed = started.elapsed();
+    if let Some(r) = reporter {
+        r.abort();
+    }
+    let mut results = Vec::new();
+    while let Some(joined) = attack_tasks.join_next().await {
+        results.push(joined.unwrap_or_else(|e| AttackResult {
+            scenario: "unknown".into(),
+            error: Some(format!("attack task failed: {e}")),
+            ..Default::default()
+        }));
+    }
+    results.sort_by(|a, b| a.scenario.cmp(&b.scenario));
+    futures::future::join_all(conns.into_iter().map(Conn::close)).await;
+    (outcomes, elapsed, results)
+}
+
+async fn run_device(
+    opts: ReplayOptions,
+    tls: ClientTls,
+    replay: DeviceReplay,
+    barrier: Arc<Barrier>,
+    progress: Arc<Progress>,
+) -> (DeviceOutcome, Option<Conn>) {
+    let planned = replay.events();
+    let mut out = DeviceOutcome {
+        events_sent: planned,
+        ..Default::default()
+    };
+    let device_id = replay.device_id;
+    let conn = Conn::connect(&opts.target, &tls).await;
+    barrier.wait().await;
+    let started = Instant::now();
+    let mut conn = match conn {
+        Ok(c) => c,
+        Err(e) => {
+            out.error = Some(format!("{device_id}: {}", error_chain(&e)));
+            out.rejected.insert("not_sent".into(), planned);
+            return (out, None);
+        }
+    };
+    let mut next_batch_id = 1u64;
+    let mut remaining = planned;
+    for (offset, mut batch) in replay.batches {
+        if let Some(due) = opts.speed.due_after(offset) {
+            tokio::time::sleep_until((started + due).into()).await;
+        }
+        rebase(&mut batch, offset, unix_ms_now(), opts.speed);
+        let n = batch.events.len() as u64;
+        remaining -= n;
+        let session = batch.session.take().unwrap_or_default();
+        let before = (out.accepted, out.batches);
+        if let Err(e) = send_with_retries(
+            &mut conn,
+            opts.max_attempts,
+            &session,
+            batch.events,
+            &mut next_batch_id,
+            &mut out,
+        )
+        .await
+        {
+            out.error = Some(format!("{device_id}: {e:#}"));
+            *out.rejected.entry("not_sent".into()).or_default() += remaining;
+            return (out, Some(conn));
+        }
+        progress
+            .events
+            .fetch_add(out.accepted - before.0, Ordering::Relaxed);
+        progress
+            .batches
+            .fetch_add(out.batches - before.1, Ordering::Relaxed);
+    }
+    (out, Some(conn))
+}
+
+/// Runs one attacker on its own connection and collects the reasons its probes got.
+async fn run_attack(
+    opts: &ReplayOptions,
+    tls: &ClientTls,
+    a: Attack,
+    victim: &str,
+) -> AttackResult {
+    let mut result = AttackResult {
+        scenario: a.as_str().into(),
+        expected: a.expected().iter().map(|s| s.to_string()).collect(),
+        ..Default::default()
+    };
+    let mut conn = match Conn::connect(&opts.target, tls).await {
+        Ok(c) => c,
+        Err(e) => {
+            result.error = Some(format!("connect: {}", error_chain(&e)));
+            return result;
+        }
+    };
+    let session = SessionContext {
+        software_version: "fw-attacker".into(),
+        vehicle_config_id: "vc-attacker".into(),
+    };
+    for step in attack::steps(a, unix_ms_now(), victim, opts.max_frame_bytes, &session) {
+        let ack = match conn.send_raw(step.frame.into()).await {
+            Ok(ack) => ack,
+            Err(e) => {
+                result.error = Some(format!("send: {}", error_chain(&e)));
+                break;
+            }
+        };
+        let reasons = ack_reasons(&ack);
+        if step.probe {
+            for r in reasons {
+                *result.received.entry(r).or_default() += 1;
+            }
+        } else if let Some(bad) = reasons.iter().find(|r| *r != "accepted") {
+            result.error = Some(format!("setup batch not accepted: {bad}"));
+            break;
+        }
+    }
+    conn.close().await;
+    result
+}
+
+/// One reason per event of the ack (or one for a whole-batch verdict); `accepted` for
+/// an acceptance without a reason code.
+fn ack_reasons(ack: &fleetgate_proto::BatchAck) -> Vec<String> {
+    let name = |verdict: i32, reason: &str| -> String {
+        if !reason.is_empty() {
+            return reason.to_owned();
+        }
+        match Verdict::try_from(verdict) {
+            Ok(Verdict::Accepted) => "accepted".into(),
+            Ok(Verdict::Retry) => "retry".into(),
+            _ => "rejected".into(),
+        }
+    };
+    if ack.events.is_empty() {
+        return vec![name(ack.batch_verdict, &ack.batch_reason)];
+    }
+    let mut counts: BTreeMap<String, u64> = BTreeMap::new();
+    for e in &ack.events {
+        *counts.entry(name(e.verdict, &e.reason)).or_default() += 1;
+    }
+    counts
+        .into_iter()
+        .flat_map(|(r, n)| std::iter::repeat_n(r, n as usize))
+        .collect()
+}
