@@ -3,41 +3,14 @@
 //! with a counting allocator.
 //! Run: `cargo bench -p fleetgate-benches --bench limiter`.
 
-use std::alloc::{GlobalAlloc, Layout, System};
 use std::hint::black_box;
-use std::sync::atomic::{AtomicIsize, Ordering};
 use std::time::Duration;
 
 use criterion::{criterion_group, Criterion, Throughput};
 use fleetgate_ingest::quota::{FakeRelativeClock, QuotaConfig, Quotas, RateSpec};
 
-/// Heap bytes currently allocated by this process.
-struct Counting;
-static LIVE: AtomicIsize = AtomicIsize::new(0);
-
-unsafe impl GlobalAlloc for Counting {
-    unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
-        LIVE.fetch_add(layout.size() as isize, Ordering::Relaxed);
-        // SAFETY: forwarded unchanged to the system allocator.
-        unsafe { System.alloc(layout) }
-    }
-    unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
-        LIVE.fetch_sub(layout.size() as isize, Ordering::Relaxed);
-        // SAFETY: `ptr` came from `alloc` above with this layout.
-        unsafe { System.dealloc(ptr, layout) }
-    }
-    unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
-        LIVE.fetch_add(
-            new_size as isize - layout.size() as isize,
-            Ordering::Relaxed,
-        );
-        // SAFETY: forwarded unchanged to the system allocator.
-        unsafe { System.realloc(ptr, layout, new_size) }
-    }
-}
-
 #[global_allocator]
-static ALLOC: Counting = Counting;
+static ALLOC: fleetgate_benches::CountingAlloc = fleetgate_benches::CountingAlloc;
 
 const EVENTS: u32 = 100;
 const BYTES: u32 = 12_000;
@@ -133,11 +106,11 @@ fn memory_per_device() {
     const N: usize = 100_000;
     let ids = ids(N);
     let quotas = Quotas::new(&QuotaConfig::default());
-    let before = LIVE.load(Ordering::Relaxed);
+    let before = fleetgate_benches::live_bytes();
     for (fleet, device) in &ids {
         black_box(quotas.check(fleet, device, 1, 100)).ok();
     }
-    let after = LIVE.load(Ordering::Relaxed);
+    let after = fleetgate_benches::live_bytes();
     assert_eq!(quotas.tracked_devices(), N);
     println!(
         "quota/memory: {N} tracked devices, {} heap bytes, {:.1} bytes per device",

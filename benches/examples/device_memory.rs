@@ -2,29 +2,11 @@
 //! (full window) and dormant (evicted: high-water mark only), with a counting
 //! allocator: `cargo run --release -p fleetgate-benches --example device_memory`.
 
-use std::alloc::{GlobalAlloc, Layout, System};
-use std::sync::atomic::{AtomicIsize, Ordering};
-
 use fleetgate_ingest::identity::{DeviceId, FleetId};
 use fleetgate_ingest::replay::ReplayWindows;
 
-struct Counting;
-
-static LIVE: AtomicIsize = AtomicIsize::new(0);
-
-unsafe impl GlobalAlloc for Counting {
-    unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
-        LIVE.fetch_add(layout.size() as isize, Ordering::Relaxed);
-        unsafe { System.alloc(layout) }
-    }
-    unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
-        LIVE.fetch_sub(layout.size() as isize, Ordering::Relaxed);
-        unsafe { System.dealloc(ptr, layout) }
-    }
-}
-
 #[global_allocator]
-static ALLOC: Counting = Counting;
+static ALLOC: fleetgate_benches::CountingAlloc = fleetgate_benches::CountingAlloc;
 
 fn main() {
     let devices: usize = std::env::args()
@@ -36,7 +18,7 @@ fn main() {
     let ids: Vec<DeviceId> = (0..devices)
         .map(|i| DeviceId::parse(&format!("vehicle-{i:08}")).unwrap())
         .collect();
-    let before = LIVE.load(Ordering::Relaxed);
+    let before = fleetgate_benches::live_bytes();
     let windows = ReplayWindows::new(width);
     for (i, d) in ids.iter().enumerate() {
         windows.observe_clock(&fleet, d, 0, 1_000);
@@ -47,9 +29,9 @@ fn main() {
             }
         });
     }
-    let active = LIVE.load(Ordering::Relaxed) - before;
+    let active = fleetgate_benches::live_bytes() - before;
     windows.evict_idle(2_000);
-    let dormant = LIVE.load(Ordering::Relaxed) - before;
+    let dormant = fleetgate_benches::live_bytes() - before;
     println!(
         "devices={devices} window={width}: active {:.0} B/device, dormant {:.0} B/device \
          (heap incl. map overhead; device ids are shared Arc<str> held by the caller too)",

@@ -6,6 +6,8 @@
 //! (`__` separates table levels, names are lower-cased). Values are parsed as TOML
 //! literals when they are valid ones (`42`, `true`, `["a","b"]`) and as strings otherwise.
 
+pub mod process;
+
 use std::path::{Path, PathBuf};
 
 use serde::{de::DeserializeOwned, Serialize};

@@ -79,22 +79,7 @@ trust_domain = "fleetgate.local"
 [kafka]
 bootstrap_servers = "$bootstrap"
 TOML
-FLEETGATE_LOG=warn "$bin/fleetgate-ingest" --config "$work/ingest.toml" \
-    >"$work/ingest.out" 2>"$work/ingest.log" &
-ingest_pid=$!
-pids+=("$ingest_pid")
-deadline=$((SECONDS + 30))
-until grep -q '^fleetgate-ingest ready' "$work/ingest.out"; do
-    if ! kill -0 "$ingest_pid" 2>/dev/null || ((SECONDS > deadline)); then
-        echo "ingest did not become ready:" >&2
-        tail -n 30 "$work/ingest.log" >&2
-        exit 1
-    fi
-    sleep 0.2
-done
-ready="$(grep -m1 '^fleetgate-ingest ready' "$work/ingest.out")"
-grpc_addr="$(sed -n 's/.* grpc=\([^ ]*\).*/\1/p' <<<"$ready")"
-quic_addr="$(sed -n 's/.* quic=\([^ ]*\).*/\1/p' <<<"$ready")"
+FLEETGATE_LOG=warn start_ingest "$bin/fleetgate-ingest" "$work/ingest.toml" "$work"
 echo "$ready" >&2
 
 step "load: $DEVICES devices x $BATCHES batches x $EVENTS_PER_BATCH events per transport"

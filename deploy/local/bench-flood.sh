@@ -83,22 +83,7 @@ event_burst = $((FLEET_EPS * 2))
 bytes_per_sec = 0
 byte_burst = 0
 TOML
-    FLEETGATE_LOG=warn "$bin/fleetgate-ingest" --config "$dir/ingest.toml" \
-        >"$dir/ingest.out" 2>"$dir/ingest.log" &
-    ingest_pid=$!
-    pids+=("$ingest_pid")
-    deadline=$((SECONDS + 30))
-    until grep -q '^fleetgate-ingest ready' "$dir/ingest.out" 2>/dev/null; do
-        if ! kill -0 "$ingest_pid" 2>/dev/null || ((SECONDS > deadline)); then
-            echo "ingest did not become ready:" >&2
-            tail -n 30 "$dir/ingest.log" >&2
-            exit 1
-        fi
-        sleep 0.2
-    done
-    ready="$(grep -m1 '^fleetgate-ingest ready' "$dir/ingest.out")"
-    grpc_addr="$(sed -n 's/.* grpc=\([^ ]*\).*/\1/p' <<<"$ready")"
-    quic_addr="$(sed -n 's/.* quic=\([^ ]*\).*/\1/p' <<<"$ready")"
+    FLEETGATE_LOG=warn start_ingest "$bin/fleetgate-ingest" "$dir/ingest.toml" "$dir"
     rss_idle=$(awk '/VmRSS/ {print $2}' "/proc/$ingest_pid/status")
 
     step "run $run: $HONEST_DEVICES honest devices + $flood flood devices"
@@ -122,7 +107,6 @@ TOML
         wait "$flood_pid" || true
     fi
     rss_peak=$(awk '/VmHWM/ {print $2}' "/proc/$ingest_pid/status")
-    metrics_addr="$(sed -n 's/.* metrics=\([^ ]*\).*/\1/p' <<<"$ready")"
     python3 -c "import urllib.request,sys; sys.stdout.write(urllib.request.urlopen('http://$metrics_addr/metrics').read().decode())" \
         >"$dir/metrics.txt"
     kill "$ingest_pid"

@@ -60,19 +60,8 @@ trust_domain = "fleetgate.local"
 [kafka]
 bootstrap_servers = "$bootstrap"
 TOML
-"$bin/fleetgate-ingest" --config "$work/ingest.toml" >"$work/ingest.out" 2>"$work/ingest.log" &
-pids+=($!)
-ingest_pid=$!
-deadline=$((SECONDS + 30))
-until grep -q '^fleetgate-ingest ready' "$work/ingest.out"; do
-    if ! kill -0 "$ingest_pid" 2>/dev/null || ((SECONDS > deadline)); then
-        echo "ingest did not become ready:" >&2
-        tail -n 30 "$work/ingest.log" >&2
-        exit 1
-    fi
-    sleep 0.2
-done
-grep '^fleetgate-ingest ready' "$work/ingest.out"
+start_ingest "$bin/fleetgate-ingest" "$work/ingest.toml" "$work"
+echo "$ready"
 
 step "load"
 for fleet in acme-logistics city-taxi; do

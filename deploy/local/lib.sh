@@ -61,3 +61,26 @@ start_broker() {
         "$tansu" topic create --broker "tcp://$bootstrap" --partitions 3 "$topic" >>"$work/tansu.log" 2>&1
     done
 }
+
+# Starts `fleetgate-ingest --config CONFIG` with logs in DIR, waits for its ready line,
+# and sets `ingest_pid`, `ready`, `grpc_addr`, `quic_addr`, `metrics_addr`.
+# Usage: start_ingest BIN CONFIG DIR   (FLEETGATE_* in the environment apply)
+start_ingest() {
+    local bin=$1 config=$2 dir=$3 deadline
+    "$bin" --config "$config" >"$dir/ingest.out" 2>"$dir/ingest.log" &
+    ingest_pid=$!
+    pids+=("$ingest_pid")
+    deadline=$((SECONDS + 30))
+    until grep -q '^fleetgate-ingest ready' "$dir/ingest.out" 2>/dev/null; do
+        if ! kill -0 "$ingest_pid" 2>/dev/null || ((SECONDS > deadline)); then
+            echo "ingest did not become ready:" >&2
+            tail -n 30 "$dir/ingest.log" >&2
+            return 1
+        fi
+        sleep 0.2
+    done
+    ready="$(grep -m1 '^fleetgate-ingest ready' "$dir/ingest.out")"
+    grpc_addr="$(sed -n 's/.* grpc=\([^ ]*\).*/\1/p' <<<"$ready")"
+    quic_addr="$(sed -n 's/.* quic=\([^ ]*\).*/\1/p' <<<"$ready")"
+    metrics_addr="$(sed -n 's/.* metrics=\([^ ]*\).*/\1/p' <<<"$ready")"
+}

@@ -46,7 +46,7 @@ pub fn run_command(config: Option<&Path>, print_config: bool) -> anyhow::Result<
     cfg.validate()
         .map_err(anyhow::Error::msg)
         .context("invalid configuration")?;
-    init_logging(&cfg.log_format);
+    fleetgate_config::process::init_logging(&cfg.log_format);
     let runtime = tokio::runtime::Runtime::new().context("starting runtime")?;
     runtime.block_on(async move {
         let handle = PrometheusBuilder::new()
@@ -54,7 +54,7 @@ pub fn run_command(config: Option<&Path>, print_config: bool) -> anyhow::Result<
             .context("installing metrics recorder")?;
         let (tx, rx) = watch::channel(false);
         tokio::spawn(async move {
-            wait_for_signal().await;
+            fleetgate_config::process::shutdown_signal().await;
             let _ = tx.send(true);
         });
         run(cfg, handle, rx, |metrics| {
@@ -411,32 +411,4 @@ fn producer_config(cfg: &ProcessorConfig) -> ClientConfig {
     .set("enable.idempotence", "true")
     .set("acks", "all");
     c
-}
-
-fn init_logging(format: &str) {
-    let filter = tracing_subscriber::EnvFilter::try_from_env("FLEETGATE_LOG")
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,rdkafka=warn"));
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr);
-    if format == "json" {
-        builder.json().init();
-    } else {
-        builder.init();
-    }
-}
-
-async fn wait_for_signal() {
-    let ctrl_c = tokio::signal::ctrl_c();
-    #[cfg(unix)]
-    {
-        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
-            .expect("installing SIGTERM handler");
-        tokio::select! {
-            _ = ctrl_c => {},
-            _ = term.recv() => {},
-        }
-    }
-    #[cfg(not(unix))]
-    let _ = ctrl_c.await;
 }
