@@ -12,9 +12,7 @@ use futures::future::{join_all, BoxFuture};
 use futures::FutureExt;
 
 use crate::connection::{ConnectionContext, SessionState};
-use crate::envelope::{
-    batch_provenance, device_state_record, event_record, quarantined_record, reject_record,
-};
+use crate::envelope::{batch_provenance, device_state_record, reject_record, BatchRecords};
 use crate::events;
 use crate::pipeline::{Checked, Pipeline, Refusal};
 use crate::publish::{Delivery, EnqueueError, RecordSink};
@@ -242,6 +240,8 @@ impl BatchHandler {
                     batch.sent_at_ms,
                     batch.schema_version,
                 );
+                let records = BatchRecords::new(base);
+                let base = records.base();
                 let batch_id = batch.batch_id;
                 let diverted = self.quarantine.check(
                     &conn.identity.fleet_id,
@@ -262,7 +262,7 @@ impl BatchHandler {
                     match verdict {
                         Err(refusal) => {
                             audits.extend(self.audit(
-                                reject_record(&base, Some(&event), &refusal, frame_len),
+                                reject_record(base, Some(&event), &refusal, frame_len),
                                 refusal.reason,
                             ));
                             log_event_reject(conn, seq, &refusal);
@@ -275,8 +275,8 @@ impl BatchHandler {
                                 continue;
                             }
                             let record = match &diverted {
-                                Some(decision) => quarantined_record(&base, event, decision),
-                                None => event_record(&base, event),
+                                Some(decision) => records.quarantined_record(&event, decision),
+                                None => records.event_record(&event),
                             };
                             let outcome = diverted.as_ref().map(|_| RejectReason::Quarantined);
                             match self.sink.enqueue(record) {
