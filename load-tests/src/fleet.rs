@@ -209,7 +209,8 @@ async fn run_device(
         .await
         {
             let unsent = (plan.batches - b - 1) * plan.events_per_batch;
-            out.error = Some(format!("{device_id}: {e:#}"));
+            *out.rejected.entry("not_acked".into()).or_default() += e.unacked.len() as u64;
+            out.error = Some(format!("{device_id}: {:#}", e.error));
             *out.rejected.entry("not_sent".into()).or_default() += unsent;
             return (out, Some(conn));
         }
@@ -220,8 +221,16 @@ async fn run_device(
     (out, Some(conn))
 }
 
-/// Sends `events` until each has a final verdict or attempts run out. On a stream
-/// error, the events still without a verdict are counted `not_acked`.
+/// Why a batch could not be sent: the connection or stream failed. `unacked` are the
+/// events still without a verdict (not yet counted in the outcome), so the caller can
+/// count them or re-send them on a new connection.
+#[derive(Debug)]
+pub struct SendFailure {
+    pub error: anyhow::Error,
+    pub unacked: Vec<TelemetryEvent>,
+}
+
+/// Sends `events` until each has a final verdict or attempts run out.
 pub async fn send_with_retries(
     conn: &mut Conn,
     max_attempts: u32,
@@ -229,7 +238,7 @@ pub async fn send_with_retries(
     mut pending: Vec<TelemetryEvent>,
     next_batch_id: &mut u64,
     out: &mut DeviceOutcome,
-) -> anyhow::Result<()> {
+) -> Result<(), SendFailure> {
     let mut attempt = 1;
     loop {
         let batch = TelemetryBatch {
@@ -245,8 +254,10 @@ pub async fn send_with_retries(
         let ack = match conn.send(&batch).await {
             Ok(ack) => ack,
             Err(e) => {
-                *out.rejected.entry("not_acked".into()).or_default() += batch.events.len() as u64;
-                return Err(e).context("sending batch");
+                return Err(SendFailure {
+                    error: anyhow::Error::new(e).context("sending batch"),
+                    unacked: batch.events,
+                })
             }
         };
         out.latencies.push(started.elapsed());

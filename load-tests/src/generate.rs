@@ -644,6 +644,7 @@ mod tests {
             saw_gap,
             "no connectivity gap in 20 devices x 30 min at p=0.01"
         );
+        assert!(saw_charging, "no vehicle charged in 20 devices x 30 min");
     }
 
     #[test]

@@ -86,6 +86,9 @@ struct ReplayArgs {
     /// Attempts per event when the server answers RETRY (first send included).
     #[arg(long, default_value_t = 5)]
     max_attempts: u32,
+    /// Connection attempts per device after its connection fails (whole run).
+    #[arg(long, default_value_t = 10)]
+    max_reconnects: u32,
     /// Attack scenarios to mix in (comma-separated, or `all`): replayed-batches,
     /// stale-clock, future-clock, wrong-device, oversized, malformed.
     #[arg(long)]
@@ -270,6 +273,7 @@ async fn replay_main(args: ReplayArgs) -> anyhow::Result<()> {
         server_name: args.server_name,
         speed: args.speed,
         max_attempts: args.max_attempts,
+        max_reconnects: args.max_reconnects,
         max_frame_bytes: args.max_frame_bytes,
         progress_every: args.progress_every,
     };

@@ -29,6 +29,9 @@ pub struct ReplayOptions {
     pub server_name: String,
     pub speed: Speed,
     pub max_attempts: u32,
+    /// Connection attempts a device may make after its connection failed, over the
+    /// whole run (0: a failed connection ends the device's replay).
+    pub max_reconnects: u32,
     /// Ingest's `limits.max_frame_bytes`, for the oversized attack.
     pub max_frame_bytes: usize,
     /// Time between progress lines on stderr (zero: none).
@@ -203,6 +206,7 @@ async fn run_device(
     };
     let mut next_batch_id = 1u64;
     let mut remaining = planned;
+    let mut reconnects_left = opts.max_reconnects;
     for (offset, mut batch) in replay.batches {
         if let Some(due) = opts.speed.due_after(offset) {
             tokio::time::sleep_until((started + due).into()).await;
@@ -212,19 +216,38 @@ async fn run_device(
         remaining -= n;
         let session = batch.session.take().unwrap_or_default();
         let before = (out.accepted, out.batches);
-        if let Err(e) = send_with_retries(
-            &mut conn,
-            opts.max_attempts,
-            &session,
-            batch.events,
-            &mut next_batch_id,
-            &mut out,
-        )
-        .await
-        {
-            out.error = Some(format!("{device_id}: {e:#}"));
-            *out.rejected.entry("not_sent".into()).or_default() += remaining;
-            return (out, Some(conn));
+        let mut pending = batch.events;
+        loop {
+            let failure = match send_with_retries(
+                &mut conn,
+                opts.max_attempts,
+                &session,
+                pending,
+                &mut next_batch_id,
+                &mut out,
+            )
+            .await
+            {
+                Ok(()) => break,
+                Err(f) => f,
+            };
+            match reconnect(&opts.target, &tls, &mut reconnects_left).await {
+                Some(new_conn) => {
+                    // Events of the failed batch may have been stored before the
+                    // connection broke; re-sent, they are acked `duplicate` (accepted).
+                    // The broken connection is dropped, not closed gracefully.
+                    drop(std::mem::replace(&mut conn, new_conn));
+                    out.reconnects += 1;
+                    pending = failure.unacked;
+                }
+                None => {
+                    *out.rejected.entry("not_acked".into()).or_default() +=
+                        failure.unacked.len() as u64;
+                    out.error = Some(format!("{device_id}: {:#}", failure.error));
+                    *out.rejected.entry("not_sent".into()).or_default() += remaining;
+                    return (out, Some(conn));
+                }
+            }
         }
         progress
             .events
@@ -234,6 +257,21 @@ async fn run_device(
             .fetch_add(out.batches - before.1, Ordering::Relaxed);
     }
     (out, Some(conn))
+}
+
+/// A new connection, trying with exponential back-off (250 ms doubling to 4 s) while
+/// the budget lasts; `None` when it is spent.
+async fn reconnect(target: &Target, tls: &ClientTls, budget: &mut u32) -> Option<Conn> {
+    let mut delay = Duration::from_millis(250);
+    while *budget > 0 {
+        *budget -= 1;
+        tokio::time::sleep(delay).await;
+        if let Ok(c) = Conn::connect(target, tls).await {
+            return Some(c);
+        }
+        delay = (delay * 2).min(Duration::from_secs(4));
+    }
+    None
 }
 
 /// Runs one attacker on its own connection and collects the reasons its probes got.

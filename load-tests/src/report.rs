@@ -17,6 +17,8 @@ pub struct DeviceOutcome {
     pub rejected: BTreeMap<String, u64>,
     /// Events re-sent after a RETRY verdict.
     pub retried: u64,
+    /// Times the device re-established its connection after it failed.
+    pub reconnects: u64,
     /// Ack latency of every batch attempt.
     pub latencies: Vec<Duration>,
     /// Connection or stream failure that stopped this device early.
@@ -66,6 +68,7 @@ pub struct Report {
     pub rejected: u64,
     pub rejected_by_reason: BTreeMap<String, u64>,
     pub retried: u64,
+    pub reconnects: u64,
     pub batch_ack_latency: Latency,
     pub elapsed_s: f64,
     pub events_per_s: f64,
@@ -117,6 +120,7 @@ impl Report {
             r.events_sent += o.events_sent;
             r.accepted += o.accepted;
             r.retried += o.retried;
+            r.reconnects += o.reconnects;
             for (reason, n) in o.rejected {
                 r.rejected += n;
                 *r.rejected_by_reason.entry(reason).or_default() += n;
@@ -162,6 +166,7 @@ impl fmt::Display for Report {
             writeln!(f, "    {reason:<20} {n}")?;
         }
         writeln!(f, "  retried        {}", self.retried)?;
+        writeln!(f, "  reconnects     {}", self.reconnects)?;
         writeln!(
             f,
             "  ack latency    p50 {:.1} ms  p90 {:.1} ms  p99 {:.1} ms  max {:.1} ms  ({} batches)",

@@ -15,7 +15,9 @@ use std::time::Duration;
 use fleetgate_loadgen::attack::Attack;
 use fleetgate_loadgen::recording::RecordingReader;
 use fleetgate_proto::TelemetryBatch;
-use fleetgate_test_support::{read_topic, workspace_bin, Broker, Ingest, TestPki, TRUST_DOMAIN};
+use fleetgate_test_support::{
+    free_port, read_topic, workspace_bin, Broker, Ingest, TestPki, TRUST_DOMAIN,
+};
 use prost::Message;
 use serde_json::Value;
 
@@ -205,4 +207,128 @@ fn replays_a_generated_fleet_over_quic_and_grpc_with_attacks() {
         stored_expected,
         "events topic must hold each accepted event exactly once"
     );
+}
+
+/// Not a correctness test: replays a larger generated fleet over both transports and
+/// prints the reports, for measuring. Sizes from `LOADGEN_DEVICES` (default 200) and
+/// `LOADGEN_DURATION` (default 60s), `LOADGEN_SPEED` (default max),
+/// `LOADGEN_GAP_PROBABILITY` (default 0.004).
+/// `cargo test -p fleetgate-loadgen --test replay_e2e -- --ignored --nocapture`
+#[test]
+#[ignore = "measurement run; prints numbers"]
+fn measure_max_speed_replay() {
+    let devices = std::env::var("LOADGEN_DEVICES").unwrap_or_else(|_| "200".into());
+    let duration = std::env::var("LOADGEN_DURATION").unwrap_or_else(|_| "60s".into());
+    let speed = std::env::var("LOADGEN_SPEED").unwrap_or_else(|_| "max".into());
+    let gap = std::env::var("LOADGEN_GAP_PROBABILITY").unwrap_or_else(|_| "0.004".into());
+    let broker = Broker::start().expect("broker starts");
+    let pki = TestPki::new().expect("pki");
+    let toml = format!(
+        "node_id = \"loadgen-measure\"\n{}\n[kafka]\nbootstrap_servers = \"{}\"\n",
+        pki.tls_toml(),
+        broker.bootstrap()
+    );
+    let bin = workspace_bin("fleetgate-ingest").expect("ingest binary built");
+    let ingest = Ingest::spawn_with_env(&bin, &toml, &[]).expect("ingest starts");
+    let dir = tempfile::tempdir().expect("temp dir");
+    for (transport, fleet) in [("quic", "measure-q"), ("grpc", "measure-g")] {
+        let rec = dir.path().join(format!("{fleet}.rec"));
+        let (ok, text) = run(&[
+            "generate",
+            "--out",
+            rec.to_str().expect("utf-8 path"),
+            "--devices",
+            &devices,
+            "--duration",
+            &duration,
+            "--fleet",
+            fleet,
+            "--gap-probability",
+            &gap,
+        ]);
+        assert!(ok, "{text}");
+        eprintln!("{text}");
+        let r = replay(dir.path(), &ingest, &pki, &rec, transport, &speed, "");
+        assert_eq!(r["accepted"], r["events_sent"], "{r}");
+    }
+}
+
+/// An ingest restart in the middle of a paced replay: every device reconnects (with
+/// back-off, while the new process starts on the same ports) and re-sends what had
+/// no verdict, so nothing is lost, over both transports at once.
+#[test]
+fn replay_reconnects_through_an_ingest_restart() {
+    let broker = Broker::start().expect("broker starts");
+    let pki = TestPki::new().expect("pki");
+    let toml = format!(
+        "node_id = \"loadgen-restart\"\n{}\n[kafka]\nbootstrap_servers = \"{}\"\n",
+        pki.tls_toml(),
+        broker.bootstrap()
+    );
+    let listen = |port: u16| format!("127.0.0.1:{port}");
+    let (grpc, quic, metrics) = (
+        listen(free_port()),
+        listen(free_port()),
+        listen(free_port()),
+    );
+    let env = [
+        ("FLEETGATE_GRPC__LISTEN", grpc.as_str()),
+        ("FLEETGATE_QUIC__LISTEN", quic.as_str()),
+        ("FLEETGATE_METRICS__LISTEN", metrics.as_str()),
+    ];
+    let bin = workspace_bin("fleetgate-ingest").expect("ingest binary built");
+    let ingest = Ingest::spawn_with_env(&bin, &toml, &env).expect("ingest starts");
+    let dir = tempfile::tempdir().expect("temp dir");
+
+    let mut runs = Vec::new();
+    for (transport, fleet, seed) in [("quic", "restart-q", 4), ("grpc", "restart-g", 5)] {
+        let (rec, _, events) = generate(dir.path(), fleet, seed);
+        let json = dir.path().join(format!("{fleet}.json"));
+        let target = match transport {
+            "quic" => ["--quic-addr".to_owned(), ingest.quic.to_string()],
+            _ => ["--endpoint".to_owned(), ingest.endpoint()],
+        };
+        let child = Command::new(LOADGEN)
+            .args(["replay", "--recording"])
+            .arg(&rec)
+            .args(["--transport", transport, "--pki-dir"])
+            .arg(pki.dir())
+            .args(["--trust-domain", TRUST_DOMAIN, "--speed", "4", "--json"])
+            .arg(&json)
+            .args(target)
+            .env_remove("RUST_BACKTRACE")
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .expect("spawning replay");
+        runs.push((transport, events, json, child));
+    }
+    // 20 s at 4x is ~5 s: restart ingest after ~2 s.
+    std::thread::sleep(Duration::from_secs(2));
+    let status = ingest.terminate().expect("ingest stops");
+    assert!(status.success(), "ingest exit: {status}");
+    let ingest = Ingest::spawn_with_env(&bin, &toml, &env).expect("ingest restarts");
+
+    for (transport, events, json, child) in runs {
+        let out = child.wait_with_output().expect("replay finishes");
+        let text = format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        eprintln!("{transport}:\n{text}");
+        assert!(
+            out.status.success(),
+            "{transport}: {text}\n--- ingest\n{}",
+            ingest.logs()
+        );
+        let r: Value = serde_json::from_str(&std::fs::read_to_string(&json).expect("report"))
+            .expect("report parses");
+        assert_eq!(r["accepted"].as_u64(), Some(events), "{r}");
+        assert_eq!(r["events_sent"].as_u64(), Some(events), "{r}");
+        assert!(
+            r["reconnects"].as_u64().expect("reconnects") >= 1,
+            "{transport}: the restart went unnoticed: {r}"
+        );
+    }
 }
