@@ -81,7 +81,23 @@ pub struct Broker {
 
 impl Broker {
     /// Starts a broker on a free loopback port with the fleetgate topics created.
+    /// Retried on a new port when the first attempt fails: between picking a free port
+    /// and binding it, another test process may have taken it.
     pub fn start() -> anyhow::Result<Self> {
+        let mut attempt = 1;
+        loop {
+            match Self::try_start() {
+                Ok(broker) => return Ok(broker),
+                Err(e) if attempt < 3 => {
+                    eprintln!("tansu start attempt {attempt} failed, retrying: {e:#}");
+                    attempt += 1;
+                }
+                Err(e) => return Err(e),
+            }
+        }
+    }
+
+    fn try_start() -> anyhow::Result<Self> {
         let dir = tempfile::tempdir()?;
         let port = free_port();
         let url = format!("tcp://127.0.0.1:{port}");
@@ -100,8 +116,14 @@ impl Broker {
             .stderr(log)
             .spawn()
             .with_context(|| format!("starting {} (install: make deps)", tansu_bin().display()))?;
-        let broker = Self { child, port, dir };
+        let mut broker = Self { child, port, dir };
         wait_for_port(port, Duration::from_secs(20))?;
+        if let Some(status) = broker.child.try_wait()? {
+            bail!(
+                "tansu exited ({status}) right after start (port {port} taken?): {}",
+                broker.logs()
+            );
+        }
         for topic in TOPICS {
             broker.create_topic(topic, 3)?;
         }
