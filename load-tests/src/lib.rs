@@ -5,6 +5,7 @@
 pub mod attack;
 pub mod drive;
 pub mod generate;
+pub mod raw;
 pub mod recording;
 pub mod replay_plan;
 pub mod report;

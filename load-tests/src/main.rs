@@ -27,6 +27,23 @@ enum Command {
     Generate(GenerateArgs),
     /// Replay a recording against ingest, one connection and certificate per device.
     Replay(ReplayArgs),
+    /// Produce a recording's events straight to Kafka (ingest's producer settings): the
+    /// baseline end-to-end throughput is compared with.
+    Raw(RawArgs),
+}
+
+#[derive(clap::Args)]
+struct RawArgs {
+    #[arg(long)]
+    recording: PathBuf,
+    #[arg(long, env = "FLEETGATE_BOOTSTRAP_SERVERS")]
+    bootstrap_servers: String,
+    /// Topic to produce to (same broker, same partition count as the events topic).
+    #[arg(long, default_value = "bench.raw.v1")]
+    topic: String,
+    /// Also write the report as JSON to this file.
+    #[arg(long)]
+    json: Option<PathBuf>,
 }
 
 #[derive(clap::Args)]
@@ -161,7 +178,33 @@ async fn main() -> anyhow::Result<()> {
         Command::Fleet(args) => fleet_main(args).await,
         Command::Generate(args) => generate_main(args),
         Command::Replay(args) => replay_main(args).await,
+        Command::Raw(args) => raw_main(args).await,
     }
+}
+
+async fn raw_main(args: RawArgs) -> anyhow::Result<()> {
+    use fleetgate_loadgen::recording::RecordingReader;
+    let file = std::fs::File::open(&args.recording)
+        .with_context(|| format!("opening {}", args.recording.display()))?;
+    let (header, batches) = RecordingReader::new(std::io::BufReader::new(file))
+        .and_then(RecordingReader::read_all)
+        .with_context(|| format!("reading recording {}", args.recording.display()))?;
+    let report = fleetgate_loadgen::raw::produce(
+        &args.bootstrap_servers,
+        &args.topic,
+        &header.fleet_id,
+        &batches,
+    )
+    .await?;
+    println!(
+        "raw producer: {} events to {} in {:.2} s: {:.0} events/s",
+        report.events, report.topic, report.elapsed_s, report.events_per_s
+    );
+    if let Some(path) = &args.json {
+        std::fs::write(path, serde_json::to_string_pretty(&report)?)
+            .with_context(|| format!("writing {}", path.display()))?;
+    }
+    Ok(())
 }
 
 fn generate_main(args: GenerateArgs) -> anyhow::Result<()> {
