@@ -57,28 +57,7 @@ for t in $TRANSPORTS; do
 done
 
 step "ingest"
-cat >"$work/ingest.toml" <<TOML
-node_id = "bench-ingest-0"
-log_format = "text"
-
-[grpc]
-listen = "127.0.0.1:0"
-
-[quic]
-listen = "127.0.0.1:0"
-
-[metrics]
-listen = "127.0.0.1:0"
-
-[tls]
-server_cert = "$pki/server.pem"
-server_key = "$pki/server.key"
-client_ca = "$pki/ca.pem"
-trust_domain = "fleetgate.local"
-
-[kafka]
-bootstrap_servers = "$bootstrap"
-TOML
+bench_ingest_toml "bench-ingest-0" "$pki" >"$work/ingest.toml"
 FLEETGATE_LOG=warn start_ingest "$bin/fleetgate-ingest" "$work/ingest.toml" "$work"
 echo "$ready" >&2
 

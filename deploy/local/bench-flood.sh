@@ -55,28 +55,8 @@ for flood in $FLOOD; do
     fi
     dir="$work/run-$run"
     mkdir -p "$dir"
-    cat >"$dir/ingest.toml" <<TOML
-node_id = "flood-ingest-$run"
-log_format = "text"
-
-[grpc]
-listen = "127.0.0.1:0"
-
-[quic]
-listen = "127.0.0.1:0"
-
-[metrics]
-listen = "127.0.0.1:0"
-
-[tls]
-server_cert = "$pki/server.pem"
-server_key = "$pki/server.key"
-client_ca = "$pki/ca.pem"
-trust_domain = "fleetgate.local"
-
-[kafka]
-bootstrap_servers = "$bootstrap"
-
+    bench_ingest_toml "flood-ingest-$run" "$pki" >"$dir/ingest.toml"
+    cat >>"$dir/ingest.toml" <<TOML
 [quota.fleet]
 events_per_sec = $FLEET_EPS
 event_burst = $((FLEET_EPS * 2))

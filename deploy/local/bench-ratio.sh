@@ -44,28 +44,8 @@ done
 
 pki="$work/pki"
 "$bin/fleetgate-pki" init --dir "$pki" >"$work/pki.log"
-cat >"$work/ingest.toml" <<TOML
-node_id = "ratio-ingest-0"
-log_format = "text"
-
-[grpc]
-listen = "127.0.0.1:0"
-
-[quic]
-listen = "127.0.0.1:0"
-
-[metrics]
-listen = "127.0.0.1:0"
-
-[tls]
-server_cert = "$pki/server.pem"
-server_key = "$pki/server.key"
-client_ca = "$pki/ca.pem"
-trust_domain = "fleetgate.local"
-
-[kafka]
-bootstrap_servers = "$bootstrap"
-
+bench_ingest_toml "ratio-ingest-0" "$pki" >"$work/ingest.toml"
+cat >>"$work/ingest.toml" <<TOML
 # The default node quota (100k events/s) must not be what is measured.
 [quota.global]
 events_per_sec = 0

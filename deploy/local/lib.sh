@@ -84,3 +84,32 @@ start_ingest() {
     quic_addr="$(sed -n 's/.* quic=\([^ ]*\).*/\1/p' <<<"$ready")"
     metrics_addr="$(sed -n 's/.* metrics=\([^ ]*\).*/\1/p' <<<"$ready")"
 }
+
+# Prints an ingest config on loopback ephemeral ports for a dev PKI made by
+# `fleetgate-pki init` and the broker at `$bootstrap`; callers append their own tables.
+# Usage: bench_ingest_toml NODE_ID PKI_DIR > FILE
+bench_ingest_toml() {
+    local node=$1 pki=$2
+    cat <<TOML
+node_id = "$node"
+log_format = "text"
+
+[grpc]
+listen = "127.0.0.1:0"
+
+[quic]
+listen = "127.0.0.1:0"
+
+[metrics]
+listen = "127.0.0.1:0"
+
+[tls]
+server_cert = "$pki/server.pem"
+server_key = "$pki/server.key"
+client_ca = "$pki/ca.pem"
+trust_domain = "fleetgate.local"
+
+[kafka]
+bootstrap_servers = "$bootstrap"
+TOML
+}

@@ -1,7 +1,8 @@
 //! The baseline for the pipeline's cost: the same events a recording holds, produced
 //! straight to the same broker with librdkafka and ingest's producer settings
 //! (idempotent, acks=all, linger 2 ms), as `TelemetryEnvelope` records with
-//! ingest-shaped provenance and the same 15 headers, in the same pattern as devices
+//! ingest-shaped provenance, encoded by ingest's own `BatchRecords` (same envelope
+//! bytes, same 15 headers), in the same pattern as devices
 //! (per device, one batch at a time, all devices at once). End-to-end throughput divided by
 //! this is what authentication, validation, acks and state cost.
 
@@ -9,7 +10,8 @@ use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
-use fleetgate_proto::{Provenance, TelemetryBatch, TelemetryEnvelope};
+use fleetgate_ingest::envelope::BatchRecords;
+use fleetgate_proto::{Provenance, TelemetryBatch};
 use prost::Message;
 use rdkafka::config::ClientConfig;
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
@@ -50,17 +52,16 @@ pub async fn produce(
     for b in batches {
         let batch = TelemetryBatch::decode(b.batch.as_slice())
             .with_context(|| format!("batch of {} does not decode", b.device_id))?;
-        let mut records = Vec::with_capacity(batch.events.len());
-        for event in batch.events {
-            let provenance = provenance(fleet, &b.device_id, event.seq, event.captured_at_ms);
-            let headers = headers(&provenance);
-            let value = TelemetryEnvelope {
-                event: Some(event),
-                provenance: Some(provenance),
-            }
-            .encode_to_vec();
-            records.push((headers, value));
-        }
+        let encoder = BatchRecords::new(provenance(fleet, &b.device_id));
+        let records: Vec<Encoded> = batch
+            .events
+            .iter()
+            .map(|event| {
+                let record = encoder.event_record(event);
+                let headers = record.headers.iter().cloned().collect();
+                (headers, record.payload)
+            })
+            .collect();
         events += records.len() as u64;
         devices
             .entry(b.device_id.as_str())
@@ -149,8 +150,10 @@ async fn send_batch(
     Ok(())
 }
 
-/// Provenance with the sizes ingest writes (hex fingerprint, serial, ids, versions).
-fn provenance(fleet: &str, device: &str, seq: u64, captured_at_ms: i64) -> Provenance {
+/// Batch provenance with the sizes ingest writes (hex fingerprint, serial, ids,
+/// versions); the record encoding is ingest's own, so seq and captured-at are added
+/// exactly as ingest adds them.
+fn provenance(fleet: &str, device: &str) -> Provenance {
     Provenance {
         device_id: device.to_owned(),
         fleet_id: fleet.to_owned(),
@@ -159,34 +162,13 @@ fn provenance(fleet: &str, device: &str, seq: u64, captured_at_ms: i64) -> Prove
         transport: "quic".into(),
         ingest_node: "raw-baseline".into(),
         connection_id: "raw-baseline-quic-1".into(),
-        received_at_ms: captured_at_ms,
-        captured_at_ms,
-        sent_at_ms: captured_at_ms,
-        seq,
+        received_at_ms: 1,
+        sent_at_ms: 1,
         schema_version: 1,
         software_version: "fw-1.4.2".into(),
         vehicle_config_id: "vc-2024a".into(),
-        ingest_version: env!("CARGO_PKG_VERSION").into(),
+        ingest_version: fleetgate_ingest::envelope::INGEST_VERSION.into(),
         remote_addr: "127.0.0.1:40000".into(),
+        ..Default::default()
     }
-}
-
-fn headers(p: &Provenance) -> Vec<(&'static str, String)> {
-    vec![
-        ("fleetgate.device_id", p.device_id.clone()),
-        ("fleetgate.fleet_id", p.fleet_id.clone()),
-        ("fleetgate.cert_sha256", p.cert_sha256.clone()),
-        ("fleetgate.cert_serial", p.cert_serial.clone()),
-        ("fleetgate.transport", p.transport.clone()),
-        ("fleetgate.ingest_node", p.ingest_node.clone()),
-        ("fleetgate.connection_id", p.connection_id.clone()),
-        ("fleetgate.received_at_ms", p.received_at_ms.to_string()),
-        ("fleetgate.captured_at_ms", p.captured_at_ms.to_string()),
-        ("fleetgate.sent_at_ms", p.sent_at_ms.to_string()),
-        ("fleetgate.seq", p.seq.to_string()),
-        ("fleetgate.schema_version", p.schema_version.to_string()),
-        ("fleetgate.software_version", p.software_version.clone()),
-        ("fleetgate.vehicle_config_id", p.vehicle_config_id.clone()),
-        ("fleetgate.ingest_version", p.ingest_version.clone()),
-    ]
 }
