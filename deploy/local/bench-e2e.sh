@@ -28,7 +28,6 @@ bin="${CARGO_TARGET_DIR:-$root/target}/release"
 source "$root/deploy/local/lib.sh"
 on_exit_cleanup "$work/"
 
-step() { printf '==> %s\n' "$*" >&2; }
 
 for t in $TRANSPORTS; do
     case "$t" in
@@ -37,17 +36,7 @@ for t in $TRANSPORTS; do
     esac
 done
 
-step "tansu"
-tansu="$(bash deploy/local/ensure-tansu.sh)"
-
-step "build (release)"
-cargo build --release --bin fleetgate-ingest --bin fleetgate-pki --bin fleetgate-loadgen
-
-rm -rf "$work"
-mkdir -p "$work"
-
-step "broker"
-start_broker "$tansu" "$work"
+bench_setup "$work"
 
 step "pki ($DEVICES devices per transport)"
 pki="$work/pki"

@@ -30,16 +30,8 @@ bin="${CARGO_TARGET_DIR:-$root/target}/release"
 source "$root/deploy/local/lib.sh"
 on_exit_cleanup "$work/"
 
-step() { printf '==> %s\n' "$*" >&2; }
 
-tansu="$(bash deploy/local/ensure-tansu.sh)"
-step "build (release)"
-cargo build --release --bin fleetgate-ingest --bin fleetgate-pki --bin fleetgate-loadgen
-
-rm -rf "$work"
-mkdir -p "$work"
-step "broker"
-start_broker "$tansu" "$work"
+bench_setup "$work"
 
 pki="$work/pki"
 "$bin/fleetgate-pki" init --dir "$pki" >"$work/pki.log"

@@ -23,17 +23,9 @@ bin="${CARGO_TARGET_DIR:-$root/target}/release"
 
 source "$root/deploy/local/lib.sh"
 on_exit_cleanup "$work/"
-step() { printf '==> %s\n' "$*" >&2; }
 
-tansu="$(bash deploy/local/ensure-tansu.sh)"
-step "build (release)"
-cargo build --release --bin fleetgate-ingest --bin fleetgate-pki --bin fleetgate-loadgen
-
-rm -rf "$work"
-mkdir -p "$work"
-step "broker"
 FLEETGATE_TOPICS+=(bench.raw.v1)
-start_broker "$tansu" "$work"
+bench_setup "$work"
 
 step "recordings: $DEVICES devices x $DURATION, a sample every $SAMPLE, a batch every $BATCH"
 for t in grpc quic half-grpc half-quic; do

@@ -113,3 +113,23 @@ trust_domain = "fleetgate.local"
 bootstrap_servers = "$bootstrap"
 TOML
 }
+
+# Progress line for the bench scripts, on stderr (their stdout is the result);
+# demo.sh defines its own.
+step() { printf '==> %s\n' "$*" >&2; }
+
+# What every bench needs first: the broker binary, a release build of ingest, pki and
+# loadgen, an empty WORK_DIR, and a broker with FLEETGATE_TOPICS (sets `tansu` and
+# `bootstrap`). Usage: bench_setup WORK_DIR
+bench_setup() {
+    local work=$1 root
+    root="$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)"
+    step "tansu"
+    tansu="$(bash "$root/deploy/local/ensure-tansu.sh")"
+    step "build (release)"
+    (cd "$root" && cargo build --release --bin fleetgate-ingest --bin fleetgate-pki --bin fleetgate-loadgen)
+    rm -rf "$work"
+    mkdir -p "$work"
+    step "broker"
+    start_broker "$tansu" "$work"
+}
