@@ -162,19 +162,28 @@ async fn reload_on_sighup(
     }
 }
 
-/// Frees the windows of devices idle longer than `idle` (their marks are kept).
+/// Ends doubts past their TTL and frees the windows of devices idle longer than
+/// `idle` (their marks are kept).
 async fn evict_idle_devices(
     windows: Arc<ReplayWindows>,
     idle: Duration,
+    in_doubt_ttl: Duration,
     mut shutdown: watch::Receiver<bool>,
 ) {
-    let tick = (idle / 4).clamp(Duration::from_secs(1), Duration::from_secs(60));
+    let tick = (idle / 4)
+        .min(in_doubt_ttl / 4)
+        .clamp(Duration::from_secs(1), Duration::from_secs(60));
     loop {
         tokio::select! {
             _ = shutdown.changed() => return,
             _ = tokio::time::sleep(tick) => {}
         }
-        let cutoff = crate::clock::unix_ms_now() - idle.as_millis() as i64;
+        let now = crate::clock::unix_ms_now();
+        let expired = windows.expire_doubts(now);
+        if expired > 0 {
+            tracing::info!(expired, "device-state doubts ended by TTL");
+        }
+        let cutoff = now - idle.as_millis() as i64;
         let evicted = windows.evict_idle(cutoff);
         let (active, dormant) = windows.counts();
         events::devices_tracked(active, dormant);
@@ -209,8 +218,10 @@ pub async fn run(
     // another (or an earlier) node stored are refused from the first batch on.
     let windows = ReplayWindows::new(cfg.sequence.window);
     let (kafka_cfg, loader_windows) = (cfg.kafka.clone(), windows.clone());
+    let in_doubt_ttl = cfg.sequence.in_doubt_ttl;
     let (restored, follower) = tokio::task::spawn_blocking(move || {
-        crate::device_state::load(&kafka_cfg, &loader_windows, Duration::from_secs(30))
+        let timeout = Duration::from_secs(30);
+        crate::device_state::load(&kafka_cfg, &loader_windows, in_doubt_ttl, timeout)
     })
     .await
     .context("device state loader")?
@@ -221,12 +232,15 @@ pub async fn run(
         let (windows, stop, node) = (windows.clone(), stop_following.clone(), cfg.node_id.clone());
         std::thread::Builder::new()
             .name("device-state-follower".into())
-            .spawn(move || crate::device_state::follow(follower, &windows, &node, &stop))
+            .spawn(move || {
+                crate::device_state::follow(follower, &windows, &node, in_doubt_ttl, &stop)
+            })
             .context("spawning device state follower")?
     };
     let evictor = tokio::spawn(evict_idle_devices(
         windows.clone(),
         cfg.sequence.idle_evict_after,
+        in_doubt_ttl,
         shutdown.clone(),
     ));
     let live = LiveConnections::new(cfg.identity.clone_policy);

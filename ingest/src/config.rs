@@ -88,6 +88,11 @@ pub struct SequenceConfig {
     /// A device silent this long keeps only its high-water mark (its window is freed).
     #[serde(with = "humantime_serde")]
     pub idle_evict_after: Duration,
+    /// How long another node's deliveries still under way (per its device-state
+    /// record) are refused here before they are accepted again; longer than
+    /// `kafka.delivery_timeout`, so a live node always settles them first.
+    #[serde(with = "humantime_serde")]
+    pub in_doubt_ttl: Duration,
 }
 
 impl Default for SequenceConfig {
@@ -95,6 +100,7 @@ impl Default for SequenceConfig {
         Self {
             window: 1024,
             idle_evict_after: Duration::from_secs(600),
+            in_doubt_ttl: Duration::from_secs(30),
         }
     }
 }
@@ -157,6 +163,9 @@ impl IngestConfig {
         if self.sequence.idle_evict_after < Duration::from_secs(1) {
             return Err("sequence.idle_evict_after must be at least 1s".into());
         }
+        if self.sequence.in_doubt_ttl <= self.kafka.delivery_timeout {
+            return Err("sequence.in_doubt_ttl must be longer than kafka.delivery_timeout".into());
+        }
         if self.tls.crl_reload_interval < Duration::from_millis(100) {
             return Err("tls.crl_reload_interval must be at least 100ms".into());
         }
@@ -210,5 +219,14 @@ mod tests {
             ..Default::default()
         };
         assert!(cfg.validate().unwrap_err().contains("node_id"));
+    }
+
+    #[test]
+    fn a_doubt_must_outlive_the_delivery_it_waits_for() {
+        let mut cfg = IngestConfig::default();
+        cfg.sequence.in_doubt_ttl = cfg.kafka.delivery_timeout;
+        assert!(cfg.validate().unwrap_err().contains("in_doubt_ttl"));
+        cfg.sequence.in_doubt_ttl += Duration::from_secs(1);
+        cfg.validate().unwrap();
     }
 }

@@ -15,7 +15,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 
 use crate::identity::{DeviceId, FleetId};
 use crate::publish::KafkaConfig;
-use crate::replay::ReplayWindows;
+use crate::replay::{ReplayWindows, StateUpdate};
 
 /// Why device state could not be loaded.
 #[derive(Debug, thiserror::Error)]
@@ -132,12 +132,13 @@ impl Follower {
 pub fn load(
     cfg: &KafkaConfig,
     windows: &ReplayWindows,
+    in_doubt_ttl: Duration,
     timeout: Duration,
 ) -> Result<(usize, Follower), StateError> {
     let mut follower = Follower::open(cfg, &cfg.topics.device_state, timeout)?;
     let mut restored = 0usize;
     follower.catch_up(timeout, |msg| {
-        if apply(msg, windows, None) {
+        if apply(msg, windows, None, in_doubt_ttl) {
             restored += 1;
         }
     })?;
@@ -146,16 +147,28 @@ pub fn load(
 
 /// Applies what other nodes write from now on, so a device that moves between live
 /// nodes cannot replay what the first one stored. Blocking; returns when `stop` is set.
-pub fn follow(follower: Follower, windows: &ReplayWindows, node_id: &str, stop: &AtomicBool) {
+pub fn follow(
+    follower: Follower,
+    windows: &ReplayWindows,
+    node_id: &str,
+    in_doubt_ttl: Duration,
+    stop: &AtomicBool,
+) {
     follower.run(stop, |msg| {
-        if apply(msg, windows, Some(node_id)) {
+        if apply(msg, windows, Some(node_id), in_doubt_ttl) {
             crate::events::device_state_followed();
         }
     });
 }
 
 /// Folds one record into `windows` unless it was written by `skip_node`; true if used.
-fn apply(msg: &BorrowedMessage<'_>, windows: &ReplayWindows, skip_node: Option<&str>) -> bool {
+/// Its pending seqs are in doubt until `in_doubt_ttl` after the record was written.
+fn apply(
+    msg: &BorrowedMessage<'_>,
+    windows: &ReplayWindows,
+    skip_node: Option<&str>,
+    in_doubt_ttl: Duration,
+) -> bool {
     let Some(state) = msg.payload().and_then(|p| DeviceState::decode(p).ok()) else {
         tracing::warn!(
             partition = msg.partition(),
@@ -173,6 +186,20 @@ fn apply(msg: &BorrowedMessage<'_>, windows: &ReplayWindows, skip_node: Option<&
     ) else {
         return false;
     };
-    windows.merge(fleet, device, state.highest_seq, &state.unstored_seqs);
+    let doubt_until_ms = state
+        .updated_at_ms
+        .saturating_add(in_doubt_ttl.as_millis() as i64);
+    let pending: &[u64] = if doubt_until_ms > crate::clock::unix_ms_now() {
+        &state.pending_seqs
+    } else {
+        &[]
+    };
+    let update = StateUpdate {
+        highest: state.highest_seq,
+        unstored: &state.unstored_seqs,
+        pending,
+        doubt_until_ms,
+    };
+    windows.merge(fleet, device, update);
     true
 }

@@ -240,11 +240,13 @@ fn batch_headers(p: &Provenance) -> Vec<(&'static str, String)> {
     ]
 }
 
-/// The `fleet.device-state.v1` record: a device's highest stored seq.
+/// The `fleet.device-state.v1` record: a device's highest seq, the seqs below it not
+/// known to be stored, and which of those are still being delivered.
 pub fn device_state_record(
     base: &Provenance,
     highest_seq: u64,
     unstored_seqs: Vec<u64>,
+    pending_seqs: Vec<u64>,
     now_ms: i64,
 ) -> OutRecord {
     let state = DeviceState {
@@ -254,6 +256,7 @@ pub fn device_state_record(
         updated_at_ms: now_ms,
         ingest_node: base.ingest_node.clone(),
         unstored_seqs,
+        pending_seqs,
     };
     OutRecord {
         topic: TopicKind::DeviceState,

@@ -2,8 +2,9 @@
 //! Guarantees: a seq is published at most once while it is inside the window; every
 //! unseen seq newer than the window's low edge is accepted, in any order. A seq counts
 //! as seen from the moment it is reserved; if its delivery fails it is released, so the
-//! device's retry is accepted rather than mistaken for a duplicate. The map is sharded
-//! (DashMap) and no lock is held across an await.
+//! device's retry is accepted rather than mistaken for a duplicate. Seqs another node
+//! reported as in flight are in doubt here until that node settles them or their TTL
+//! passes. The map is sharded (DashMap) and no lock is held across an await.
 
 use std::sync::Arc;
 
@@ -24,6 +25,23 @@ pub enum SeqStatus {
     TooOld,
 }
 
+/// A seq whose delivery is under way: this node's own, or another node's that is in
+/// doubt here until `doubt_until_ms`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Reservation {
+    seq: u64,
+    /// `LOCAL` for this node's reservations.
+    doubt_until_ms: i64,
+}
+
+impl Reservation {
+    const LOCAL: i64 = 0;
+
+    fn is_local(&self) -> bool {
+        self.doubt_until_ms == Self::LOCAL
+    }
+}
+
 /// A sliding window of `width` sequence numbers ending at the highest seen.
 #[derive(Debug, Clone)]
 pub struct AntiReplayWindow {
@@ -31,8 +49,9 @@ pub struct AntiReplayWindow {
     width: u64,
     /// Ring bitmap: bit `seq % width` is set when `seq` is inside the window and seen.
     bits: Box<[u64]>,
-    /// Reserved but not yet delivered (small: bounded by events in flight per device).
-    in_flight: Vec<u64>,
+    /// Reserved but not yet delivered, here or (in doubt) on another node; small,
+    /// bounded by events in flight per device.
+    in_flight: Vec<Reservation>,
     gaps: u64,
 }
 
@@ -68,8 +87,25 @@ impl AntiReplayWindow {
     pub fn unstored(&self) -> Vec<u64> {
         let low = self.highest.saturating_sub(self.width - 1).max(1);
         (low..=self.highest)
-            .filter(|s| !self.bit(*s) || self.in_flight.contains(s))
+            .filter(|s| !self.bit(*s) || self.is_in_flight(*s))
             .collect()
+    }
+
+    /// Seqs whose delivery is under way (here, or in doubt from another node): the
+    /// subset of [`Self::unstored`] another node must not accept yet.
+    pub fn pending(&self) -> Vec<u64> {
+        let mut seqs: Vec<u64> = self.in_flight.iter().map(|r| r.seq).collect();
+        seqs.sort_unstable();
+        seqs
+    }
+
+    /// True while this node has a delivery of its own under way for the device.
+    pub fn has_local_in_flight(&self) -> bool {
+        self.in_flight.iter().any(Reservation::is_local)
+    }
+
+    fn is_in_flight(&self, seq: u64) -> bool {
+        self.in_flight.iter().any(|r| r.seq == seq)
     }
 
     pub fn highest(&self) -> u64 {
@@ -106,7 +142,7 @@ impl AntiReplayWindow {
             SeqStatus::New
         } else if !self.in_window(seq) {
             SeqStatus::TooOld
-        } else if self.in_flight.contains(&seq) {
+        } else if self.is_in_flight(seq) {
             SeqStatus::InFlight
         } else if self.bit(seq) {
             SeqStatus::Duplicate
@@ -139,25 +175,30 @@ impl AntiReplayWindow {
         self.set(seq, true);
         // Reservations that fell out of the window can never be released usefully.
         let (highest, width) = (self.highest, self.width);
-        self.in_flight.retain(|s| s + width > highest);
-        self.in_flight.push(seq);
+        self.in_flight.retain(|r| r.seq + width > highest);
+        self.in_flight.push(Reservation {
+            seq,
+            doubt_until_ms: Reservation::LOCAL,
+        });
         status
     }
 
     /// The reserved `seq` was delivered: from now on it is a duplicate.
     pub fn commit(&mut self, seq: u64) {
-        self.in_flight.retain(|s| *s != seq);
+        self.in_flight.retain(|r| !(r.seq == seq && r.is_local()));
     }
 
-    /// Reservations whose delivery is still under way.
+    /// Reservations whose delivery is still under way (or in doubt).
     pub fn in_flight_len(&self) -> usize {
         self.in_flight.len()
     }
 
-    /// Marks every seq up to `highest` that is not in `unstored` as seen (stored by
-    /// someone), advancing the window if `highest` is newer. Reservations of this node
-    /// are left alone: their outcome is still decided by their own delivery.
-    pub fn merge(&mut self, highest: u64, unstored: &[u64]) {
+    /// Folds in another node's record: every seq up to `highest` that is in neither
+    /// `unstored` nor `pending` becomes seen (stored by someone), advancing the window
+    /// if `highest` is newer; a `pending` seq not already seen is in doubt until
+    /// `doubt_until_ms`; an `unstored` seq settles a doubt as not stored. Reservations
+    /// of this node are left alone: their outcome is still decided by their own delivery.
+    pub fn merge(&mut self, highest: u64, unstored: &[u64], pending: &[u64], doubt_until_ms: i64) {
         if highest > self.highest {
             let advance = highest - self.highest;
             if advance >= self.width {
@@ -169,22 +210,47 @@ impl AntiReplayWindow {
             }
             self.highest = highest;
             let (h, width) = (self.highest, self.width);
-            self.in_flight.retain(|s| s + width > h);
+            self.in_flight.retain(|r| r.seq + width > h);
         }
         let low = self.highest.saturating_sub(self.width - 1).max(1);
-        let mut unstored = unstored.to_vec();
-        unstored.sort_unstable();
+        let sorted = |seqs: &[u64]| {
+            let mut v = seqs.to_vec();
+            v.sort_unstable();
+            v
+        };
+        let (unstored, pending) = (sorted(unstored), sorted(pending));
+        let foreign = |r: &Reservation, s: u64| r.seq == s && !r.is_local();
         for s in low..=highest.min(self.highest) {
-            if unstored.binary_search(&s).is_err() {
+            if pending.binary_search(&s).is_ok() {
+                let known = self.bit(s) || self.is_in_flight(s);
+                if !known && doubt_until_ms > Reservation::LOCAL {
+                    self.in_flight.push(Reservation {
+                        seq: s,
+                        doubt_until_ms,
+                    });
+                }
+            } else if unstored.binary_search(&s).is_ok() {
+                self.in_flight.retain(|r| !foreign(r, s));
+            } else {
+                self.in_flight.retain(|r| !foreign(r, s));
                 self.set(s, true);
             }
         }
     }
 
+    /// Ends the doubts that outlived their TTL: those seqs are acceptable again (a
+    /// copy that did reach Kafka is removed downstream by `(device_id, seq)`).
+    pub fn expire_doubts(&mut self, now_ms: i64) -> usize {
+        let before = self.in_flight.len();
+        self.in_flight
+            .retain(|r| r.is_local() || r.doubt_until_ms > now_ms);
+        before - self.in_flight.len()
+    }
+
     /// The reserved `seq` was not delivered: forget it so a retry is accepted.
     pub fn release(&mut self, seq: u64) {
         let before = self.in_flight.len();
-        self.in_flight.retain(|s| *s != seq);
+        self.in_flight.retain(|r| !(r.seq == seq && r.is_local()));
         if before != self.in_flight.len() && self.in_window(seq) {
             self.set(seq, false);
         }
@@ -221,6 +287,28 @@ pub struct DeviceView {
     pub clock_offset_ms: Option<f64>,
     /// True when the device is evicted: only its high-water mark is held.
     pub dormant: bool,
+}
+
+/// One device-state record as the window needs it.
+#[derive(Debug, Clone, Copy)]
+pub struct StateUpdate<'a> {
+    pub highest: u64,
+    pub unstored: &'a [u64],
+    /// Seqs whose delivery was under way at the writer; in doubt until `doubt_until_ms`.
+    pub pending: &'a [u64],
+    pub doubt_until_ms: i64,
+}
+
+impl<'a> StateUpdate<'a> {
+    /// A record with nothing in doubt.
+    pub fn settled(highest: u64, unstored: &'a [u64]) -> Self {
+        Self {
+            highest,
+            unstored,
+            pending: &[],
+            doubt_until_ms: Reservation::LOCAL,
+        }
+    }
 }
 
 type SlotRef<'a> = dashmap::mapref::one::RefMut<'a, (FleetId, DeviceId), DeviceSlot>;
@@ -294,15 +382,32 @@ impl ReplayWindows {
 
     /// Restores a device's persisted high-water mark (never lowers what is known).
     pub fn seed(&self, fleet: FleetId, device: DeviceId, highest: u64, unstored: &[u64]) {
-        self.merge(fleet, device, highest, unstored);
+        self.merge(fleet, device, StateUpdate::settled(highest, unstored));
     }
 
-    /// Folds in what another node stored for the device: every seq up to `highest`
-    /// except `unstored` becomes seen here too. Never forgets what this node knows.
-    pub fn merge(&self, fleet: FleetId, device: DeviceId, highest: u64, unstored: &[u64]) {
+    /// Folds in what another node stored for the device (see
+    /// [`AntiReplayWindow::merge`]). Never forgets what this node knows.
+    pub fn merge(&self, fleet: FleetId, device: DeviceId, update: StateUpdate<'_>) {
+        let StateUpdate {
+            highest,
+            unstored,
+            pending,
+            doubt_until_ms,
+        } = update;
+        if !pending.is_empty() {
+            // Doubts need a live window; the device is evicted again once they settle.
+            let mut slot = self.slot((fleet, device));
+            slot.window
+                .merge(highest, unstored, pending, doubt_until_ms);
+            return;
+        }
         // Lock order everywhere: the device shard, then the dormant shard.
         match self.devices.entry((fleet, device)) {
-            dashmap::Entry::Occupied(mut slot) => slot.get_mut().window.merge(highest, unstored),
+            dashmap::Entry::Occupied(mut slot) => {
+                slot.get_mut()
+                    .window
+                    .merge(highest, unstored, &[], Reservation::LOCAL)
+            }
             dashmap::Entry::Vacant(vacant) => {
                 let mut d = self
                     .dormant
@@ -312,13 +417,22 @@ impl ReplayWindows {
                         unstored: Box::new([]),
                     });
                 let mut w = AntiReplayWindow::seeded(self.width, d.highest, &d.unstored);
-                w.merge(highest, unstored);
+                w.merge(highest, unstored, &[], Reservation::LOCAL);
                 *d = Dormant {
                     highest: w.highest(),
                     unstored: w.unstored().into_boxed_slice(),
                 };
             }
         }
+    }
+
+    /// Ends every doubt older than its TTL; returns how many ended.
+    pub fn expire_doubts(&self, now_ms: i64) -> usize {
+        let mut n = 0;
+        self.devices
+            .iter_mut()
+            .for_each(|mut slot| n += slot.window.expire_doubts(now_ms));
+        n
     }
 
     /// Moves devices not seen since `idle_before_ms` (and with nothing in flight) to
@@ -465,7 +579,7 @@ mod tests {
         let mut w = AntiReplayWindow::new(64);
         w.reserve(5);
         w.commit(5);
-        w.merge(20, &[12, 13]);
+        w.merge(20, &[12, 13], &[], 0);
         assert_eq!(w.highest(), 20);
         assert_eq!(w.status(20), SeqStatus::Duplicate);
         assert_eq!(w.status(11), SeqStatus::Duplicate);
@@ -476,7 +590,7 @@ mod tests {
         );
         assert_eq!(w.status(5), SeqStatus::Duplicate, "own knowledge is kept");
         assert_eq!(w.status(21), SeqStatus::New);
-        w.merge(10, &[]);
+        w.merge(10, &[], &[], 0);
         assert_eq!(w.highest(), 20, "an older record never lowers the mark");
         assert_eq!(
             w.status(12),
@@ -520,9 +634,9 @@ mod tests {
     fn merge_reaches_dormant_devices() {
         let windows = ReplayWindows::new(64);
         let (f, d) = ids("car-3");
-        windows.merge(f.clone(), d.clone(), 30, &[29]);
+        windows.merge(f.clone(), d.clone(), StateUpdate::settled(30, &[29]));
         assert_eq!(windows.counts(), (0, 1));
-        windows.merge(f.clone(), d.clone(), 40, &[]);
+        windows.merge(f.clone(), d.clone(), StateUpdate::settled(40, &[]));
         assert_eq!(
             windows.with(&f, &d, |w| w.reserve(35)),
             SeqStatus::Duplicate
@@ -603,17 +717,91 @@ mod tests {
                 if w.reserve(s) == SeqStatus::New { w.commit(s); seen.insert(s); }
             }
             let holes: Vec<u64> = holes.into_iter().filter(|h| *h <= highest).collect();
-            w.merge(highest, &holes);
+            // The remote node's deliveries under way are a subset of its holes.
+            let pending: Vec<u64> = holes.iter().copied().filter(|h| h % 2 == 0).collect();
+            w.merge(highest, &holes, &pending, 1_000);
             let low = w.highest().saturating_sub(63).max(1);
+            let in_window = |s: u64| s <= highest && s + 64 > highest;
             for s in low..=w.highest() {
-                let stored_remote = s <= highest && s + 64 > highest && !holes.contains(&s);
+                let stored_remote = in_window(s) && !holes.contains(&s);
                 let status = w.status(s);
                 if stored_remote || seen.contains(&s) {
                     prop_assert_eq!(status, SeqStatus::Duplicate, "seq {}", s);
+                } else if in_window(s) && pending.contains(&s) {
+                    prop_assert_eq!(status, SeqStatus::InFlight, "seq {} is in doubt", s);
                 } else {
                     prop_assert_eq!(status, SeqStatus::New, "seq {}", s);
                 }
             }
+            // Doubts end at their TTL: what was only in doubt is acceptable again.
+            w.expire_doubts(1_000);
+            for s in low..=w.highest() {
+                if !seen.contains(&s) && holes.contains(&s) && in_window(s) {
+                    prop_assert_eq!(w.status(s), SeqStatus::New, "seq {} after TTL", s);
+                }
+            }
         }
+    }
+
+    #[test]
+    fn another_nodes_pending_seqs_are_in_doubt_until_settled() {
+        let mut w = AntiReplayWindow::new(64);
+        w.merge(10, &[9, 10], &[9, 10], 5_000);
+        assert_eq!(w.status(8), SeqStatus::Duplicate);
+        assert_eq!(w.reserve(9), SeqStatus::InFlight, "a retry here must wait");
+        assert_eq!(w.reserve(10), SeqStatus::InFlight);
+        assert_eq!(w.pending(), vec![9, 10], "doubts are passed on");
+        assert!(!w.has_local_in_flight());
+        // The writer settles: 9 was stored, 10 failed.
+        w.merge(10, &[10], &[], 0);
+        assert_eq!(w.status(9), SeqStatus::Duplicate);
+        assert_eq!(
+            w.reserve(10),
+            SeqStatus::New,
+            "the failed one is retried here"
+        );
+        // A stale record that still calls 9 pending cannot reopen it.
+        w.merge(10, &[9], &[9], 9_000);
+        assert_eq!(w.status(9), SeqStatus::Duplicate);
+    }
+
+    #[test]
+    fn doubts_expire_but_local_reservations_do_not() {
+        let mut w = AntiReplayWindow::new(64);
+        assert_eq!(w.reserve(3), SeqStatus::New);
+        w.merge(4, &[3, 4], &[3, 4], 100);
+        assert_eq!(w.status(4), SeqStatus::InFlight);
+        assert_eq!(w.expire_doubts(99), 0);
+        assert_eq!(w.expire_doubts(100), 1);
+        assert_eq!(w.status(4), SeqStatus::New);
+        assert_eq!(
+            w.status(3),
+            SeqStatus::InFlight,
+            "own delivery still decides"
+        );
+        assert!(w.has_local_in_flight());
+        w.commit(3);
+        assert_eq!(w.status(3), SeqStatus::Duplicate);
+    }
+
+    #[test]
+    fn a_pending_record_wakes_a_dormant_device_and_its_doubts_expire() {
+        let windows = ReplayWindows::new(64);
+        let (f, d) = ids("car-5");
+        windows.merge(f.clone(), d.clone(), StateUpdate::settled(5, &[]));
+        assert_eq!(windows.counts(), (0, 1));
+        let update = StateUpdate {
+            highest: 7,
+            unstored: &[6, 7],
+            pending: &[6, 7],
+            doubt_until_ms: 50,
+        };
+        windows.merge(f.clone(), d.clone(), update);
+        assert_eq!(windows.counts(), (1, 0));
+        assert_eq!(windows.with(&f, &d, |w| w.reserve(6)), SeqStatus::InFlight);
+        assert_eq!(windows.with(&f, &d, |w| w.reserve(5)), SeqStatus::Duplicate);
+        assert_eq!(windows.evict_idle(i64::MAX), 0, "doubts keep the window");
+        assert_eq!(windows.expire_doubts(50), 2);
+        assert_eq!(windows.with(&f, &d, |w| w.reserve(6)), SeqStatus::New);
     }
 }

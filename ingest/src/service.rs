@@ -7,18 +7,20 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use fleetgate_proto::{BatchAck, EventAck, Verdict};
+use fleetgate_proto::{BatchAck, EventAck, Provenance, Verdict};
 use futures::future::{join_all, BoxFuture};
 use futures::FutureExt;
 
 use crate::connection::{ConnectionContext, SessionState};
 use crate::envelope::{batch_provenance, device_state_record, reject_record, BatchRecords};
 use crate::events;
+use crate::identity::{DeviceId, FleetId};
 use crate::pipeline::{Checked, Pipeline, Refusal};
 use crate::publish::{Delivery, EnqueueError, RecordSink};
 use crate::quarantine::QuarantineTable;
 use crate::quota::{Admission, BatchPermit, InFlightPermit, Limit};
 use crate::reject::RejectReason;
+use crate::replay::ReplayWindows;
 
 /// Runs the pipeline for each frame and publishes the outcome.
 pub struct BatchHandler {
@@ -41,6 +43,34 @@ struct Admitted {
 /// Rate-limited batches per device since the last top-offenders log line.
 #[derive(Default)]
 struct Offenders(dashmap::DashMap<String, u64>);
+
+/// Writes one device's `fleet.device-state.v1` record from its current window.
+struct StateWriter {
+    sink: Arc<dyn RecordSink>,
+    base: Provenance,
+    replay: Arc<ReplayWindows>,
+    fleet: FleetId,
+    device: DeviceId,
+}
+
+impl StateWriter {
+    /// Enqueues the record now; the future says whether Kafka stored it.
+    fn write(&self, now_ms: i64) -> BoxFuture<'static, Result<(), String>> {
+        let (highest, unstored, pending) = self.replay.with(&self.fleet, &self.device, |w| {
+            (w.highest(), w.unstored(), w.pending())
+        });
+        let record = device_state_record(&self.base, highest, unstored, pending, now_ms);
+        match self.sink.enqueue(record) {
+            Ok(d) => d.map(|r| r.map_err(|e| e.0)).boxed(),
+            Err(e) => futures::future::ready(Err(e.to_string())).boxed(),
+        }
+    }
+
+    fn has_local_in_flight(&self) -> bool {
+        self.replay
+            .with(&self.fleet, &self.device, |w| w.has_local_in_flight())
+    }
+}
 
 /// How one event of a batch ends up.
 enum Slot {
@@ -318,15 +348,25 @@ impl BatchHandler {
                         }
                     }
                 }
-                let state_sink = self.sink.clone();
-                let state_base = base.clone();
-                let state_replay = replay.clone();
-                let (state_fleet, state_device) = (fleet.clone(), device.clone());
                 if !unreserve.is_empty() {
                     replay.with(&fleet, &device, |w| {
                         unreserve.iter().for_each(|s| w.release(*s))
                     });
                 }
+                // The device's state is written alongside its events, naming the seqs
+                // still being delivered as pending, so the ack waits for one Kafka round
+                // trip and an acked event is still never replayable elsewhere.
+                let state = slots
+                    .iter()
+                    .any(|s| matches!(s, Slot::Pending(..)))
+                    .then(|| StateWriter {
+                        sink: self.sink.clone(),
+                        base: base.clone(),
+                        replay,
+                        fleet,
+                        device,
+                    });
+                let pending_written = state.as_ref().map(|w| w.write(received_at_ms));
                 let in_flight = self.admission.in_flight.clone();
                 async move {
                     let _permits = permits;
@@ -343,25 +383,25 @@ impl BatchHandler {
                             Slot::Done(seq, reason) => (seq, Some(reason)),
                         }
                     }));
-                    let (acks, _) = futures::join!(acks, audits);
-                    let stored = |r: &Option<RejectReason>| {
-                        matches!(r, None | Some(RejectReason::Quarantined))
-                    };
-                    if acks.iter().any(|(_, reason)| stored(reason)) {
-                        // Persist the window only now that its events are stored, and
-                        // before the ack: an acked event is never replayable elsewhere.
-                        let (highest, unstored) =
-                            state_replay
-                                .with(&state_fleet, &state_device, |w| (w.highest(), w.unstored()));
-                        let record =
-                            device_state_record(&state_base, highest, unstored, received_at_ms);
-                        let written = match state_sink.enqueue(record) {
-                            Ok(d) => d.await.map_err(|e| e.0),
-                            Err(e) => Err(e.to_string()),
-                        };
-                        if let Err(e) = written {
-                            events::device_state_write_failed(&e);
+                    let pending_written = async {
+                        match pending_written {
+                            Some(written) => written.await,
+                            None => Ok(()),
                         }
+                    };
+                    let (acks, _, written) = futures::join!(acks, audits, pending_written);
+                    if let Err(e) = written {
+                        events::device_state_write_failed(&e);
+                    }
+                    // The device's last delivery to settle writes the outcome; the
+                    // earlier ones are covered by that record.
+                    if let Some(state) = state.filter(|s| !s.has_local_in_flight()) {
+                        let settled = state.write(crate::clock::unix_ms_now());
+                        tokio::spawn(async move {
+                            if let Err(e) = settled.await {
+                                events::device_state_write_failed(&e);
+                            }
+                        });
                     }
                     events::events_in_flight(in_flight.in_flight());
                     finish(
