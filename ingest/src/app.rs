@@ -181,6 +181,7 @@ async fn evict_idle_devices(
         let now = crate::clock::unix_ms_now();
         let expired = windows.expire_doubts(now);
         if expired > 0 {
+            events::device_state_doubts_expired(expired);
             tracing::info!(expired, "device-state doubts ended by TTL");
         }
         let cutoff = now - idle.as_millis() as i64;

@@ -46,6 +46,7 @@ pub const QUOTA_RELOADS: &str = "fleetgate_quota_reloads_total";
 pub const QUARANTINED_DEVICES: &str = "fleetgate_quarantined_devices";
 pub const QUARANTINE_ENFORCEMENT: &str = "fleetgate_quarantine_enforcement_latency_seconds";
 pub const DEVICE_STATE_FOLLOWED: &str = "fleetgate_device_state_records_followed_total";
+pub const DEVICE_STATE_DOUBTS_EXPIRED: &str = "fleetgate_device_state_doubts_expired_total";
 
 /// Histogram buckets for latencies, in seconds (100 µs .. 30 s).
 pub const LATENCY_BUCKETS: &[f64] = &[
@@ -209,6 +210,11 @@ pub fn device_state_followed() {
     counter!(DEVICE_STATE_FOLLOWED).increment(1);
 }
 
+/// Seqs another node left pending were accepted again because it never settled them.
+pub fn device_state_doubts_expired(n: usize) {
+    counter!(DEVICE_STATE_DOUBTS_EXPIRED).increment(n as u64);
+}
+
 /// A batch refused by a rate limit (`reason`), labelled by fleet (bounded: fleets are
 /// few) and dimension (`events` or `bytes`); devices go to the top-offenders log.
 pub fn rate_limited(reason: RejectReason, fleet: &str, dimension: &'static str) {
@@ -325,6 +331,7 @@ pub fn describe(node_id: &str) {
         counter!(QUOTA_RELOADS, "outcome" => outcome).absolute(0);
     }
     counter!(DEVICE_STATE_FOLLOWED).absolute(0);
+    counter!(DEVICE_STATE_DOUBTS_EXPIRED).absolute(0);
     for outcome in ["ok", "error"] {
         counter!(CRL_RELOADS, "outcome" => outcome).absolute(0);
     }

@@ -201,6 +201,12 @@ async fn seqs_another_node_left_in_flight_wait_for_settlement_or_ttl() {
         accepted_after > Duration::from_secs(1),
         "{accepted_after:?}"
     );
+    assert_eq!(
+        node.metric("fleetgate_device_state_doubts_expired_total", &[])
+            .unwrap(),
+        2.0,
+        "car-1's 2 and 3 expired; car-2's 5 was settled"
+    );
 
     let records = read_topic(
         &broker.bootstrap(),
