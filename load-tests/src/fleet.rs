@@ -1,10 +1,12 @@
 //! Drives one synthetic fleet: one task and one mTLS connection per device (gRPC or
-//! QUIC), batches sent in order, RETRY verdicts re-sent after the server's hint with
-//! a bounded number of attempts.
+//! QUIC), first connections all at once or paced at a fixed rate, batches sent in
+//! order, RETRY verdicts re-sent after the server's hint with a bounded number of
+//! attempts. Every connection stays open until the whole fleet is done.
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use anyhow::Context;
@@ -14,6 +16,8 @@ use fleetgate_loadgen::report::DeviceOutcome;
 use fleetgate_proto::{BatchAck, SessionContext, TelemetryBatch, TelemetryEvent, Verdict};
 use rand::{rngs::StdRng, SeedableRng};
 use tokio::task::JoinSet;
+
+use crate::progress::{ProgressMode, Reporter, RunCounters, RunShape, Tally};
 
 /// Spacing of `captured_at_ms` between events of one batch.
 const CAPTURE_SPACING_MS: i64 = 10;
@@ -89,6 +93,37 @@ pub struct FleetPlan {
     pub interval: Duration,
     pub software_version: String,
     pub vehicle_config_id: String,
+    pub connect_pacing: ConnectPacing,
+}
+
+/// When each device opens its first connection: all at once, or `per_sec` devices a
+/// second (device `i` at `i / per_sec` s), so a large fleet does not start with every
+/// TLS handshake in the same instant.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ConnectPacing {
+    per_sec: u32,
+}
+
+impl ConnectPacing {
+    /// `per_sec` devices started per second; 0 starts them all at once.
+    pub fn per_sec(per_sec: u32) -> Self {
+        Self { per_sec }
+    }
+
+    /// Delay from the run start to device `index`'s first connection attempt.
+    pub fn start_offset(self, index: usize) -> Duration {
+        if self.per_sec == 0 {
+            return Duration::ZERO;
+        }
+        // Integer nanoseconds: exactly `per_sec` starts in every whole second.
+        let nanos = index as u128 * 1_000_000_000 / u128::from(self.per_sec);
+        Duration::from_nanos(u64::try_from(nanos).unwrap_or(u64::MAX))
+    }
+
+    /// When the last of `devices` starts.
+    pub fn spread(self, devices: usize) -> Duration {
+        self.start_offset(devices.saturating_sub(1))
+    }
 }
 
 /// Certificate and key of one device, read before any connection is made.
@@ -128,23 +163,40 @@ pub fn load_credentials(
         .collect()
 }
 
-/// Runs every device concurrently and returns their outcomes and the time until the
-/// last device had its last ack (connection shutdown is not counted).
+/// Runs every device concurrently (starts paced by `plan.connect_pacing`) and returns
+/// their outcomes and the time from the first start until the last device had its
+/// last ack (connection shutdown is not counted, the pacing spread is).
 pub async fn run_fleet(
     plan: FleetPlan,
     server_ca_pem: String,
     devices: Vec<DeviceCredentials>,
+    progress: ProgressMode,
 ) -> (Vec<DeviceOutcome>, Duration) {
+    let counters = Arc::new(RunCounters::default());
+    let shape = RunShape {
+        label: "fleet",
+        total_events: devices.len() as u64 * plan.batches * plan.events_per_batch,
+        devices: Some(devices.len() as u64),
+        timeline: None,
+    };
     let started = Instant::now();
+    let reporter = Reporter::start(progress, shape, counters.clone(), started);
     let mut tasks = JoinSet::new();
-    for creds in devices {
+    for (i, creds) in devices.into_iter().enumerate() {
         let plan = plan.clone();
         let tls = ClientTls {
             server_ca_pem: server_ca_pem.clone(),
             identity: Some((creds.cert_pem, creds.key_pem)),
             server_name: plan.server_name.clone(),
         };
-        tasks.spawn(run_device(plan, tls, creds.device_id));
+        let start_at = started + plan.connect_pacing.start_offset(i);
+        tasks.spawn(run_device(
+            plan,
+            tls,
+            creds.device_id,
+            start_at,
+            counters.clone(),
+        ));
     }
     let mut outcomes = Vec::new();
     let mut conns = Vec::new();
@@ -161,6 +213,7 @@ pub async fn run_fleet(
         }
     }
     let elapsed = started.elapsed();
+    reporter.finish().await;
     futures::future::join_all(conns.into_iter().map(Conn::close)).await;
     (outcomes, elapsed)
 }
@@ -171,17 +224,26 @@ async fn run_device(
     plan: FleetPlan,
     tls: ClientTls,
     device_id: String,
+    start_at: Instant,
+    counters: Arc<RunCounters>,
 ) -> (DeviceOutcome, Option<Conn>) {
     let planned = plan.batches * plan.events_per_batch;
     let mut out = DeviceOutcome {
         events_sent: planned,
         ..Default::default()
     };
-    let mut conn = match Conn::connect(&plan.target, &tls).await {
+    let mut reported = Tally::default();
+    if start_at > Instant::now() {
+        tokio::time::sleep_until(start_at.into()).await;
+    }
+    let connected = Conn::connect(&plan.target, &tls).await;
+    counters.connect_result(connected.is_ok());
+    let mut conn = match connected {
         Ok(c) => c,
         Err(e) => {
             out.error = Some(format!("{device_id}: {}", error_chain(&e)));
             out.rejected.insert("not_sent".into(), planned);
+            counters.publish(&mut reported, &out);
             return (out, None);
         }
     };
@@ -212,9 +274,12 @@ async fn run_device(
             *out.rejected.entry("not_acked".into()).or_default() += e.unacked.len() as u64;
             out.error = Some(format!("{device_id}: {:#}", e.error));
             *out.rejected.entry("not_sent".into()).or_default() += unsent;
+            counters.publish(&mut reported, &out);
             return (out, Some(conn));
         }
-        if !plan.interval.is_zero() {
+        counters.publish(&mut reported, &out);
+        // The pause is between batches: none after the last one.
+        if !plan.interval.is_zero() && b + 1 < plan.batches {
             tokio::time::sleep(plan.interval).await;
         }
     }
@@ -330,4 +395,45 @@ pub fn unix_ms_now() -> i64 {
         .duration_since(UNIX_EPOCH)
         .map(|d| d.as_millis() as i64)
         .unwrap_or(0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    #[test]
+    fn zero_rate_starts_everyone_at_once() {
+        let p = ConnectPacing::per_sec(0);
+        assert!((0..10_000).all(|i| p.start_offset(i).is_zero()));
+        assert_eq!(p.spread(10_000), Duration::ZERO);
+    }
+
+    #[test]
+    fn device_i_starts_at_i_over_rate() {
+        let p = ConnectPacing::per_sec(100);
+        let ms = |i| p.start_offset(i).as_millis();
+        assert_eq!(
+            (ms(0), ms(1), ms(99), ms(100), ms(150)),
+            (0, 10, 990, 1_000, 1_500)
+        );
+        assert_eq!(p.spread(300), Duration::from_millis(2_990));
+        assert_eq!(p.spread(0), Duration::ZERO);
+        let third = ConnectPacing::per_sec(3);
+        assert_eq!(third.start_offset(1), Duration::from_nanos(333_333_333));
+    }
+
+    proptest! {
+        #[test]
+        fn starts_never_exceed_the_rate_in_any_second(rate in 1u32..20_000, i in 0usize..1_000_000) {
+            let p = ConnectPacing::per_sec(rate);
+            prop_assert!(p.start_offset(i) <= p.start_offset(i + 1));
+            // Device i + rate starts exactly one second after device i, so any window of
+            // one second holds at most `rate` starts.
+            prop_assert_eq!(
+                p.start_offset(i + rate as usize) - p.start_offset(i),
+                Duration::from_secs(1)
+            );
+        }
+    }
 }

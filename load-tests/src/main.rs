@@ -1,8 +1,10 @@
 //! `fleetgate-loadgen`: synthetic fleets over real mTLS connections to ingest.
 
 mod fleet;
+mod progress;
 mod replay;
 
+use std::io::IsTerminal;
 use std::path::PathBuf;
 use std::time::Duration;
 
@@ -10,7 +12,8 @@ use anyhow::{bail, Context};
 use clap::{Parser, Subcommand, ValueEnum};
 use fleetgate_loadgen::report::Report;
 
-use crate::fleet::{load_credentials, run_fleet, FleetPlan, Target};
+use crate::fleet::{load_credentials, run_fleet, ConnectPacing, FleetPlan, Target};
+use crate::progress::ProgressMode;
 
 #[derive(Parser)]
 #[command(version, about = "Load generator for fleetgate ingest")]
@@ -30,6 +33,9 @@ enum Command {
     /// Produce a recording's events straight to Kafka (ingest's producer settings): the
     /// baseline end-to-end throughput is compared with.
     Raw(RawArgs),
+    /// Capture live traffic: devices connect here, batches are forwarded to ingest
+    /// and written to a recording.
+    Record(fleetgate_loadgen::record::RecordArgs),
 }
 
 #[derive(clap::Args)]
@@ -113,12 +119,33 @@ struct ReplayArgs {
     /// Ingest's limits.max_frame_bytes (the oversized attack sends one byte more).
     #[arg(long, default_value_t = 1024 * 1024)]
     max_frame_bytes: usize,
-    /// Interval of progress lines on stderr (0s: none).
-    #[arg(long, default_value = "5s", value_parser = humantime::parse_duration)]
-    progress_every: Duration,
+    #[command(flatten)]
+    progress: ProgressArgs,
     /// Also write the report as JSON to this file.
     #[arg(long)]
     json: Option<PathBuf>,
+}
+
+/// Progress on stderr: bars on a terminal, plain lines when stderr is redirected.
+#[derive(clap::Args)]
+struct ProgressArgs {
+    /// Interval of plain progress lines when stderr is not a terminal (0s: no progress
+    /// at all). On a terminal, bars are redrawn several times a second instead.
+    #[arg(long, default_value = "5s", value_parser = humantime::parse_duration)]
+    progress_every: Duration,
+    /// No progress bars or lines (same as --progress-every 0s).
+    #[arg(long)]
+    no_progress: bool,
+}
+
+impl ProgressArgs {
+    fn mode(&self) -> ProgressMode {
+        ProgressMode::choose(
+            self.progress_every,
+            self.no_progress,
+            std::io::stderr().is_terminal(),
+        )
+    }
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -162,11 +189,17 @@ struct FleetArgs {
     /// Pause between a device's batches, in milliseconds.
     #[arg(long, default_value_t = 0)]
     interval_ms: u64,
+    /// Devices started per second: device i opens its first connection i/N s after
+    /// the start (0: all at once).
+    #[arg(long, default_value_t = 0)]
+    connect_rate: u32,
     #[arg(long, default_value = "fw-1.4.2")]
     software_version: String,
     /// Defaults to `vc-<fleet>-2024a`.
     #[arg(long)]
     vehicle_config_id: Option<String>,
+    #[command(flatten)]
+    progress: ProgressArgs,
     /// Also write the report as JSON to this file.
     #[arg(long)]
     json: Option<PathBuf>,
@@ -179,6 +212,7 @@ async fn main() -> anyhow::Result<()> {
         Command::Generate(args) => generate_main(args),
         Command::Replay(args) => replay_main(args).await,
         Command::Raw(args) => raw_main(args).await,
+        Command::Record(args) => fleetgate_loadgen::record::run(args).await,
     }
 }
 
@@ -318,7 +352,7 @@ async fn replay_main(args: ReplayArgs) -> anyhow::Result<()> {
         max_attempts: args.max_attempts,
         max_reconnects: args.max_reconnects,
         max_frame_bytes: args.max_frame_bytes,
-        progress_every: args.progress_every,
+        progress: args.progress.mode(),
     };
     let (outcomes, elapsed, attack_results) = replay::run_replay(
         opts,
@@ -372,6 +406,15 @@ async fn fleet_main(args: FleetArgs) -> anyhow::Result<()> {
         args.devices,
     )?;
     let transport = target.transport();
+    let connect_pacing = ConnectPacing::per_sec(args.connect_rate);
+    if args.connect_rate > 0 {
+        eprintln!(
+            "starting {} devices at {}/s: the last starts after {:.1} s",
+            args.devices,
+            args.connect_rate,
+            connect_pacing.spread(args.devices).as_secs_f64()
+        );
+    }
     let plan = FleetPlan {
         target,
         server_name: args.server_name,
@@ -383,9 +426,10 @@ async fn fleet_main(args: FleetArgs) -> anyhow::Result<()> {
         vehicle_config_id: args
             .vehicle_config_id
             .unwrap_or_else(|| format!("vc-{}-2024a", args.fleet)),
+        connect_pacing,
     };
 
-    let (outcomes, elapsed) = run_fleet(plan, server_ca_pem, devices).await;
+    let (outcomes, elapsed) = run_fleet(plan, server_ca_pem, devices, args.progress.mode()).await;
     let report = Report::new(&args.fleet, transport, outcomes, elapsed);
     finish(report, args.json.as_deref())
 }

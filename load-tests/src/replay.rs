@@ -6,7 +6,6 @@
 
 use std::collections::BTreeMap;
 use std::path::Path;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -21,6 +20,7 @@ use tokio::sync::Barrier;
 use tokio::task::JoinSet;
 
 use crate::fleet::{error_chain, send_with_retries, unix_ms_now, Conn, DeviceCredentials, Target};
+use crate::progress::{ProgressMode, Reporter, RunCounters, RunShape, Tally, Timeline};
 
 /// How a replay runs.
 #[derive(Debug, Clone)]
@@ -34,8 +34,8 @@ pub struct ReplayOptions {
     pub max_reconnects: u32,
     /// Ingest's `limits.max_frame_bytes`, for the oversized attack.
     pub max_frame_bytes: usize,
-    /// Time between progress lines on stderr (zero: none).
-    pub progress_every: Duration,
+    /// Bars, plain lines or nothing on stderr while the replay runs.
+    pub progress: ProgressMode,
 }
 
 /// Reads `<pki>/devices/<fleet>/<id>.{pem,key}` for each id, issuing (in memory, from
@@ -87,13 +87,6 @@ pub fn credentials(
     Ok((out, issued))
 }
 
-/// Shared counters behind the progress lines.
-#[derive(Default)]
-struct Progress {
-    batches: AtomicU64,
-    events: AtomicU64,
-}
-
 /// Runs every device (and attacker) and returns the honest outcomes, the time from
 /// the common start to the last honest ack, and the attack results.
 pub async fn run_replay(
@@ -103,6 +96,23 @@ pub async fn run_replay(
     attackers: Vec<(Attack, DeviceCredentials)>,
 ) -> (Vec<DeviceOutcome>, Duration, Vec<AttackResult>) {
     let total_events: u64 = devices.iter().map(|(d, _)| d.events()).sum();
+    let span_ms = devices
+        .iter()
+        .flat_map(|(d, _)| d.batches.iter().map(|(offset, _)| *offset))
+        .max()
+        .unwrap_or(0);
+    let shape = RunShape {
+        label: "replay",
+        total_events,
+        devices: None,
+        timeline: match opts.speed {
+            Speed::Factor(speed) => Some(Timeline {
+                span: Duration::from_millis(span_ms),
+                speed,
+            }),
+            Speed::Max => None,
+        },
+    };
     let victim = devices
         .first()
         .map(|(d, _)| d.device_id.clone())
@@ -114,7 +124,7 @@ pub async fn run_replay(
     };
     // Everyone connects first, then all start together.
     let barrier = Arc::new(Barrier::new(devices.len() + 1));
-    let progress = Arc::new(Progress::default());
+    let progress = Arc::new(RunCounters::default());
     let mut tasks = JoinSet::new();
     for (replay, creds) in devices {
         let tls = tls_for(&creds);
@@ -134,21 +144,7 @@ pub async fn run_replay(
     }
     barrier.wait().await;
     let started = Instant::now();
-    let reporter = (!opts.progress_every.is_zero()).then(|| {
-        let (p, every) = (progress.clone(), opts.progress_every);
-        tokio::spawn(async move {
-            loop {
-                tokio::time::sleep(every).await;
-                eprintln!(
-                    "replay: {:.0} s, {} batches, {}/{} events acked",
-                    started.elapsed().as_secs_f64(),
-                    p.batches.load(Ordering::Relaxed),
-                    p.events.load(Ordering::Relaxed),
-                    total_events
-                );
-            }
-        })
-    });
+    let reporter = Reporter::start(opts.progress, shape, progress.clone(), started);
     let mut outcomes = Vec::new();
     let mut conns = Vec::new();
     while let Some(joined) = tasks.join_next().await {
@@ -164,9 +160,7 @@ pub async fn run_replay(
         }
     }
     let elapsed = started.elapsed();
-    if let Some(r) = reporter {
-        r.abort();
-    }
+    reporter.finish().await;
     let mut results = Vec::new();
     while let Some(joined) = attack_tasks.join_next().await {
         results.push(joined.unwrap_or_else(|e| AttackResult {
@@ -185,13 +179,14 @@ async fn run_device(
     tls: ClientTls,
     replay: DeviceReplay,
     barrier: Arc<Barrier>,
-    progress: Arc<Progress>,
+    progress: Arc<RunCounters>,
 ) -> (DeviceOutcome, Option<Conn>) {
     let planned = replay.events();
     let mut out = DeviceOutcome {
         events_sent: planned,
         ..Default::default()
     };
+    let mut reported = Tally::default();
     let device_id = replay.device_id;
     let conn = Conn::connect(&opts.target, &tls).await;
     barrier.wait().await;
@@ -201,6 +196,7 @@ async fn run_device(
         Err(e) => {
             out.error = Some(format!("{device_id}: {}", error_chain(&e)));
             out.rejected.insert("not_sent".into(), planned);
+            progress.publish(&mut reported, &out);
             return (out, None);
         }
     };
@@ -215,7 +211,6 @@ async fn run_device(
         let n = batch.events.len() as u64;
         remaining -= n;
         let session = batch.session.take().unwrap_or_default();
-        let before = (out.accepted, out.batches);
         let mut pending = batch.events;
         loop {
             let failure = match send_with_retries(
@@ -245,16 +240,12 @@ async fn run_device(
                         failure.unacked.len() as u64;
                     out.error = Some(format!("{device_id}: {:#}", failure.error));
                     *out.rejected.entry("not_sent".into()).or_default() += remaining;
+                    progress.publish(&mut reported, &out);
                     return (out, Some(conn));
                 }
             }
         }
-        progress
-            .events
-            .fetch_add(out.accepted - before.0, Ordering::Relaxed);
-        progress
-            .batches
-            .fetch_add(out.batches - before.1, Ordering::Relaxed);
+        progress.publish(&mut reported, &out);
     }
     (out, Some(conn))
 }

@@ -25,6 +25,13 @@ pub struct DeviceOutcome {
     pub error: Option<String>,
 }
 
+impl DeviceOutcome {
+    /// Events not accepted, over every reason.
+    pub fn rejected_total(&self) -> u64 {
+        self.rejected.values().sum()
+    }
+}
+
 /// Latency percentiles in milliseconds.
 #[derive(Debug, Clone, Default, PartialEq, Serialize)]
 pub struct Latency {
