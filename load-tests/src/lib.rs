@@ -4,6 +4,7 @@
 //! recording proxy) is the exception, with its pure core in `record::capture`.
 
 pub mod attack;
+pub mod credentials;
 pub mod drive;
 pub mod generate;
 pub mod raw;

@@ -27,7 +27,8 @@ use tokio::sync::{mpsc, watch};
 use tokio_rustls::rustls::pki_types::CertificateDer;
 
 use self::sink::{Captured, SinkSpec};
-use self::upstream::{CredentialStore, UpstreamTargets};
+use self::upstream::UpstreamTargets;
+use crate::credentials::{CredentialStore, DeviceCredentials};
 
 /// Command-line arguments of `fleetgate-loadgen record`.
 #[derive(clap::Args, Debug, Clone)]
@@ -162,7 +163,7 @@ impl Recorder {
         Err(reason)
     }
 
-    fn credentials_for(&self, device: &str) -> Result<Arc<upstream::DeviceCredentials>, String> {
+    fn credentials_for(&self, device: &str) -> Result<Arc<DeviceCredentials>, String> {
         self.credentials.get(device).map_err(|e| {
             let msg = format!("recorder: no credentials to forward {device}: {e}");
             self.upstream_failed(device, &msg);

@@ -9,12 +9,11 @@ use std::path::Path;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use anyhow::Context;
 use fleetgate_client::ClientTls;
 use fleetgate_loadgen::attack::{self, Attack};
+use fleetgate_loadgen::credentials::CredentialStore;
 use fleetgate_loadgen::replay_plan::{rebase, DeviceReplay, Speed};
 use fleetgate_loadgen::report::{AttackResult, DeviceOutcome};
-use fleetgate_pki::{DevCa, DeviceCertSpec, LoadedCa};
 use fleetgate_proto::{SessionContext, Verdict};
 use tokio::sync::Barrier;
 use tokio::task::JoinSet;
@@ -47,44 +46,19 @@ pub fn credentials(
     trust_domain: &str,
     ids: &[String],
 ) -> anyhow::Result<(Vec<DeviceCredentials>, usize)> {
-    let dir = pki_dir.join("devices").join(fleet);
-    let mut ca: Option<LoadedCa> = None;
-    let mut issued = 0;
-    let mut out = Vec::with_capacity(ids.len());
-    for id in ids {
-        let (cert, key) = (dir.join(format!("{id}.pem")), dir.join(format!("{id}.key")));
-        if cert.is_file() && key.is_file() {
-            let read = |p: &Path| {
-                std::fs::read_to_string(p).with_context(|| format!("reading {}", p.display()))
-            };
-            out.push(DeviceCredentials {
+    let store = CredentialStore::new(pki_dir, fleet, trust_domain);
+    let out = ids
+        .iter()
+        .map(|id| {
+            let c = store.get(id)?;
+            Ok(DeviceCredentials {
                 device_id: id.clone(),
-                cert_pem: read(&cert)?,
-                key_pem: read(&key)?,
-            });
-            continue;
-        }
-        if ca.is_none() {
-            ca = Some(DevCa::load(pki_dir).with_context(|| {
-                format!(
-                    "no certificate for {fleet}/{id} in {} and no CA (ca.pem + ca.key) there to issue one",
-                    dir.display()
-                )
-            })?);
-        }
-        let i = ca
-            .as_ref()
-            .expect("loaded just above")
-            .issue_device(&DeviceCertSpec::new(trust_domain, fleet, id))
-            .with_context(|| format!("issuing a certificate for {fleet}/{id}"))?;
-        issued += 1;
-        out.push(DeviceCredentials {
-            device_id: id.clone(),
-            cert_pem: i.cert_pem,
-            key_pem: i.key_pem,
-        });
-    }
-    Ok((out, issued))
+                cert_pem: c.cert_pem.clone(),
+                key_pem: c.key_pem.clone(),
+            })
+        })
+        .collect::<anyhow::Result<Vec<_>>>()?;
+    Ok((out, store.issued() as usize))
 }
 
 /// Runs every device (and attacker) and returns the honest outcomes, the time from
