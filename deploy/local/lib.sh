@@ -45,7 +45,7 @@ wait_for_port() {
 }
 
 # Starts tansu (in-memory) on a free port, creates FLEETGATE_TOPICS with 3
-# partitions, and sets `bootstrap`. Usage: start_broker TANSU_BIN WORK_DIR
+# partitions, and sets `bootstrap` and `broker_pid`. Usage: start_broker TANSU_BIN WORK_DIR
 start_broker() {
     local tansu=$1 work=$2 port
     port=$(free_port)
@@ -55,7 +55,8 @@ start_broker() {
         --advertised-listener-url "tcp://$bootstrap" \
         --storage-engine memory://tansu/ \
         >"$work/tansu.log" 2>&1 &
-    pids+=($!)
+    broker_pid=$!
+    pids+=("$broker_pid")
     wait_for_port "$port"
     for topic in "${FLEETGATE_TOPICS[@]}"; do
         "$tansu" topic create --broker "tcp://$bootstrap" --partitions 3 "$topic" >>"$work/tansu.log" 2>&1
