@@ -60,6 +60,12 @@ pub struct QuicConfig {
     /// A device must finish sending its batch within this time, or the stream is reset.
     #[serde(with = "humantime_serde")]
     pub stream_read_timeout: Duration,
+    /// Kernel receive buffer of the UDP socket, in bytes. One socket takes every
+    /// device's packets: the default (about 200 KiB) overflows under load and the
+    /// dropped packets come back only after loss recovery (hundreds of ms). Linux caps
+    /// it at `net.core.rmem_max`; a lower grant is logged at start-up. 0 keeps the
+    /// kernel's default.
+    pub socket_receive_buffer: usize,
 }
 
 impl Default for QuicConfig {
@@ -71,6 +77,7 @@ impl Default for QuicConfig {
             keep_alive_interval: Duration::from_secs(10),
             max_connections: 10_000,
             stream_read_timeout: Duration::from_secs(10),
+            socket_receive_buffer: 4 << 20,
         }
     }
 }
@@ -128,10 +135,48 @@ pub fn bind(cfg: &QuicConfig, tls: Arc<rustls::ServerConfig>) -> Result<Endpoint
         .datagram_receive_buffer_size(None);
     let mut server = quinn::ServerConfig::with_crypto(Arc::new(crypto));
     server.transport_config(Arc::new(transport));
-    Endpoint::server(server, cfg.listen).map_err(|source| QuicSetupError::Bind {
+    let bind_error = |source| QuicSetupError::Bind {
         addr: cfg.listen,
         source,
-    })
+    };
+    let socket = udp_socket(cfg).map_err(bind_error)?;
+    Endpoint::new(
+        quinn::EndpointConfig::default(),
+        Some(server),
+        socket,
+        Arc::new(quinn::TokioRuntime),
+    )
+    .map_err(bind_error)
+}
+
+/// The listening UDP socket, with the receive buffer `cfg` asks for (or the most the
+/// kernel grants, logged when less).
+fn udp_socket(cfg: &QuicConfig) -> std::io::Result<std::net::UdpSocket> {
+    use socket2::{Domain, Protocol, Socket, Type};
+    let socket = Socket::new(
+        Domain::for_address(cfg.listen),
+        Type::DGRAM,
+        Some(Protocol::UDP),
+    )?;
+    if cfg.listen.is_ipv6() {
+        // Devices may reach a `[::]` listener over IPv4 too.
+        let _ = socket.set_only_v6(false);
+    }
+    if cfg.socket_receive_buffer > 0 {
+        socket.set_recv_buffer_size(cfg.socket_receive_buffer)?;
+        // Linux reports twice what it grants (bookkeeping overhead included).
+        let granted = socket.recv_buffer_size()? / 2;
+        if granted < cfg.socket_receive_buffer {
+            tracing::warn!(
+                requested = cfg.socket_receive_buffer,
+                granted,
+                "QUIC socket receive buffer capped by the kernel; raise net.core.rmem_max"
+            );
+        }
+    }
+    socket.set_nonblocking(true)?;
+    socket.bind(&cfg.listen.into())?;
+    Ok(socket.into())
 }
 
 /// What every connection task needs.
@@ -471,6 +516,24 @@ mod tests {
     #[test]
     fn defaults_are_valid() {
         QuicConfig::default().validate().unwrap();
+    }
+
+    #[test]
+    fn the_socket_gets_the_receive_buffer_asked_for() {
+        let rmem_max: usize = std::fs::read_to_string("/proc/sys/net/core/rmem_max")
+            .ok()
+            .and_then(|s| s.trim().parse().ok())
+            .unwrap_or(usize::MAX);
+        let asked = rmem_max.min(1 << 20);
+        let cfg = QuicConfig {
+            listen: "127.0.0.1:0".parse().unwrap(),
+            socket_receive_buffer: asked,
+            ..QuicConfig::default()
+        };
+        let socket = socket2::Socket::from(udp_socket(&cfg).unwrap());
+        assert!(socket.recv_buffer_size().unwrap() / 2 >= asked);
+        assert!(socket.nonblocking().unwrap_or(true));
+        assert_ne!(socket.local_addr().unwrap().as_socket().unwrap().port(), 0);
     }
 
     #[test]
