@@ -37,20 +37,7 @@ done
 pki="$work/pki"
 "$bin/fleetgate-pki" init --dir "$pki" >"$work/pki.log"
 bench_ingest_toml "ratio-ingest-0" "$pki" >"$work/ingest.toml"
-cat >>"$work/ingest.toml" <<TOML
-# The default node quota (100k events/s) must not be what is measured.
-[quota.global]
-events_per_sec = 0
-event_burst = 0
-bytes_per_sec = 0
-byte_burst = 0
-
-[quota.fleet]
-events_per_sec = 0
-event_burst = 0
-bytes_per_sec = 0
-byte_burst = 0
-TOML
+bench_quotas_off >>"$work/ingest.toml"
 FLEETGATE_LOG=warn start_ingest "$bin/fleetgate-ingest" "$work/ingest.toml" "$work"
 
 # The in-memory broker slows as it fills, so the baseline runs before and after the

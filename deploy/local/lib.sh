@@ -115,6 +115,24 @@ bootstrap_servers = "$bootstrap"
 TOML
 }
 
+# TOML lifting the node and fleet event quotas (defaults 100k and 50k events/s), for
+# benches that measure capacity rather than quotas. Usage: bench_quotas_off >> FILE
+bench_quotas_off() {
+    cat <<TOML
+[quota.global]
+events_per_sec = 0
+event_burst = 0
+bytes_per_sec = 0
+byte_burst = 0
+
+[quota.fleet]
+events_per_sec = 0
+event_burst = 0
+bytes_per_sec = 0
+byte_burst = 0
+TOML
+}
+
 # Progress line for the bench scripts, on stderr (their stdout is the result);
 # demo.sh defines its own.
 step() { printf '==> %s\n' "$*" >&2; }
