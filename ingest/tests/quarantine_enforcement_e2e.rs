@@ -10,14 +10,8 @@ use common::*;
 use fleetgate_proto::{QuarantineDecision, QuarantineState, TelemetryEnvelope, Verdict};
 use fleetgate_test_support::{decode, header, read_topic_until, Broker};
 use prost::Message as _;
-use rdkafka::producer::{FutureProducer, FutureRecord};
-use rdkafka::ClientConfig;
 
-async fn publish(broker: &Broker, device: &str, state: QuarantineState, id: &str) {
-    let producer: FutureProducer = ClientConfig::new()
-        .set("bootstrap.servers", broker.bootstrap())
-        .create()
-        .unwrap();
+fn publish(broker: &Broker, device: &str, state: QuarantineState, id: &str) {
     let decision = QuarantineDecision {
         fleet_id: "fleet-a".into(),
         device_id: device.into(),
@@ -29,16 +23,8 @@ async fn publish(broker: &Broker, device: &str, state: QuarantineState, id: &str
         ..Default::default()
     };
     let key = format!("fleet-a/{device}");
-    let payload = decision.encode_to_vec();
-    producer
-        .send(
-            FutureRecord::to("fleet.quarantine.v1")
-                .key(&key)
-                .payload(&payload),
-            Duration::from_secs(10),
-        )
-        .await
-        .map_err(|(e, _)| e)
+    broker
+        .produce("fleet.quarantine.v1", &key, &decision.encode_to_vec())
         .unwrap();
 }
 
@@ -70,7 +56,7 @@ async fn send_until(dev: &mut AnyDevice, next_seq: &mut u64, reason: &str) -> (V
 async fn quarantine_diverts_and_release_restores() {
     let broker = Broker::start().unwrap();
     // A decision that exists before ingest starts applies from the first batch.
-    publish(&broker, "car-pre", QuarantineState::Quarantined, "d-pre").await;
+    publish(&broker, "car-pre", QuarantineState::Quarantined, "d-pre");
     let stack = Stack::start_on(broker, "");
     let mut pre = stack.device_on(Wire::Grpc, "fleet-a", "car-pre").await;
     let ack = pre.send(&batch(1, vec![event(1, 1.0)])).await.unwrap();
@@ -90,8 +76,7 @@ async fn quarantine_diverts_and_release_restores() {
         "car-bad",
         QuarantineState::Quarantined,
         "d-1",
-    )
-    .await;
+    );
     let (before_divert, took) = send_until(&mut bad, &mut seq, "quarantined").await;
     eprintln!("quarantine decision to enforcement: {took:?}");
     let diverted_first = *before_divert.last().unwrap();
@@ -113,7 +98,7 @@ async fn quarantine_diverts_and_release_restores() {
         "honest fleet-mates are not diverted"
     );
 
-    publish(&stack.broker, "car-bad", QuarantineState::Released, "d-2").await;
+    publish(&stack.broker, "car-bad", QuarantineState::Released, "d-2");
     let (after, _) = send_until(&mut bad, &mut seq, "").await;
     let released_at = *after.last().unwrap();
 

@@ -10,8 +10,6 @@ use common::*;
 use fleetgate_proto::{DeviceState, Verdict};
 use fleetgate_test_support::{read_topic, Broker, TestPki};
 use prost::Message as _;
-use rdkafka::producer::{FutureProducer, FutureRecord};
-use rdkafka::ClientConfig;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn replays_are_refused_after_restart_and_on_another_node() {
@@ -86,17 +84,7 @@ async fn replays_are_refused_after_restart_and_on_another_node() {
 
 /// A device-state record as a node writes it alongside a batch it is delivering, from a
 /// node that then died before settling it.
-async fn publish_state(
-    broker: &Broker,
-    device: &str,
-    highest: u64,
-    unstored: &[u64],
-    pending: &[u64],
-) {
-    let producer: FutureProducer = ClientConfig::new()
-        .set("bootstrap.servers", broker.bootstrap())
-        .create()
-        .unwrap();
+fn publish_state(broker: &Broker, device: &str, highest: u64, unstored: &[u64], pending: &[u64]) {
     let state = DeviceState {
         fleet_id: "fleet-a".into(),
         device_id: device.into(),
@@ -107,15 +95,8 @@ async fn publish_state(
         pending_seqs: pending.to_vec(),
     };
     let key = format!("fleet-a/{device}");
-    let payload = state.encode_to_vec();
-    producer
-        .send(
-            FutureRecord::to("fleet.device-state.v1")
-                .key(&key)
-                .payload(&payload),
-            Duration::from_secs(10),
-        )
-        .await
+    broker
+        .produce("fleet.device-state.v1", &key, &state.encode_to_vec())
         .unwrap();
 }
 
@@ -134,7 +115,7 @@ async fn seqs_another_node_left_in_flight_wait_for_settlement_or_ttl() {
     let broker = Broker::start().unwrap();
     let pki = TestPki::new().unwrap();
     // Known at start-up: car-1's seqs 2 and 3 were being delivered.
-    publish_state(&broker, "car-1", 3, &[2, 3], &[2, 3]).await;
+    publish_state(&broker, "car-1", 3, &[2, 3], &[2, 3]);
     let node = spawn_ingest(
         &broker,
         &pki,
@@ -170,11 +151,11 @@ async fn seqs_another_node_left_in_flight_wait_for_settlement_or_ttl() {
         node.metric("fleetgate_device_state_records_followed_total", &[])
             .unwrap_or(0.0)
     };
-    publish_state(&broker, "car-2", 5, &[5], &[5]).await;
+    publish_state(&broker, "car-2", 5, &[5], &[5]);
     eventually_at_least(1.0, followed).await;
     let ack = car2.send(&batch(1, vec![event(5, 1.0)])).await.unwrap();
     assert_eq!(reasons(&ack), vec![(Verdict::Retry, "duplicate_in_flight")]);
-    publish_state(&broker, "car-2", 5, &[], &[]).await;
+    publish_state(&broker, "car-2", 5, &[], &[]);
     eventually_at_least(2.0, followed).await;
     let ack = car2.send(&batch(2, vec![event(5, 1.0)])).await.unwrap();
     assert_eq!(

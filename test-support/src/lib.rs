@@ -153,6 +153,22 @@ impl Broker {
         format!("127.0.0.1:{}", self.port)
     }
 
+    /// Writes one record and waits until the broker has it (blocking, up to 10 s).
+    pub fn produce(&self, topic: &str, key: &str, payload: &[u8]) -> anyhow::Result<()> {
+        use rdkafka::producer::{BaseProducer, BaseRecord, Producer};
+        let producer: BaseProducer = ClientConfig::new()
+            .set("bootstrap.servers", self.bootstrap())
+            .create()
+            .context("creating a producer")?;
+        producer
+            .send(BaseRecord::to(topic).key(key).payload(payload))
+            .map_err(|(e, _)| e)
+            .with_context(|| format!("producing to {topic}"))?;
+        producer
+            .flush(Duration::from_secs(10))
+            .with_context(|| format!("flushing to {topic}"))
+    }
+
     pub fn create_topic(&self, name: &str, partitions: u32) -> anyhow::Result<()> {
         let out = Command::new(tansu_bin())
             .args([
