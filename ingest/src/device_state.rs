@@ -1,8 +1,9 @@
 //! Device state that must outlive a node: each device's sequence high-water mark lives
-//! on `fleet.device-state.v1` (Kafka is the only shared state, per DESIGN.md). A mark
-//! is written only after the batch's events were acknowledged by Kafka, so it never
-//! claims more than was stored; it is read back before ingest accepts connections, so a
-//! restarted or different node still refuses replays of everything up to it.
+//! on `fleet.device-state.v1` (Kafka is the only shared state, per DESIGN.md). A record
+//! goes out alongside each batch's events and names the seqs still being delivered as
+//! pending, so it never claims more than was stored; it is read back before ingest
+//! accepts connections, so a restarted or different node still refuses replays of
+//! everything up to it, and holds pending seqs in doubt until they are settled.
 
 use std::time::{Duration, Instant};
 
