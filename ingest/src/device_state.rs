@@ -5,14 +5,13 @@
 //! accepts connections, so a restarted or different node still refuses replays of
 //! everything up to it, and holds pending seqs in doubt until they are settled.
 
-use std::time::{Duration, Instant};
+use std::sync::atomic::AtomicBool;
+use std::time::Duration;
 
 use fleetgate_proto::DeviceState;
+use fleetgate_topic::{ReadOptions, TopicError, TopicReader};
 use prost::Message as _;
-use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::message::{BorrowedMessage, Message};
-use rdkafka::{Offset, TopicPartitionList};
-use std::sync::atomic::{AtomicBool, Ordering};
 
 use crate::identity::{DeviceId, FleetId};
 use crate::publish::KafkaConfig;
@@ -21,20 +20,28 @@ use crate::replay::{ReplayWindows, StateUpdate};
 /// Why device state could not be loaded.
 #[derive(Debug, thiserror::Error)]
 pub enum StateError {
-    #[error("kafka: {0}")]
-    Kafka(#[from] rdkafka::error::KafkaError),
+    #[error(transparent)]
+    Kafka(TopicError),
     #[error("topic {0} does not exist; create it (compacted) before starting ingest")]
     MissingTopic(String),
-    #[error("device state not loaded within {0:?}")]
-    Timeout(Duration),
+    #[error("{topic} not read to its end within {limit:?}")]
+    Timeout { topic: String, limit: Duration },
+}
+
+impl From<TopicError> for StateError {
+    fn from(e: TopicError) -> Self {
+        match e {
+            TopicError::MissingTopic(topic) => Self::MissingTopic(topic),
+            TopicError::TimedOut { topic, limit } => Self::Timeout { topic, limit },
+            e => Self::Kafka(e),
+        }
+    }
 }
 
 /// A consumer over a state topic: read from the beginning to its end at start-up, then
 /// kept to follow what other nodes (or processors, or operators) write next.
 pub struct Follower {
-    consumer: BaseConsumer,
-    topic: String,
-    ends: Vec<i64>,
+    reader: TopicReader,
 }
 
 impl Follower {
@@ -44,86 +51,38 @@ impl Follower {
         let mut client = rdkafka::ClientConfig::new();
         client
             .set("bootstrap.servers", &cfg.bootstrap_servers)
-            .set("group.id", "fleetgate-ingest-state-loader")
-            .set("enable.auto.commit", "false");
+            .set("group.id", "fleetgate-ingest-state-loader");
         for (k, v) in &cfg.properties {
             // Security settings apply to the consumer too; producer-only keys are skipped.
             if k.starts_with("security.") || k.starts_with("ssl.") || k.starts_with("sasl.") {
                 client.set(k, v);
             }
         }
-        let consumer: BaseConsumer = client.create()?;
-        let metadata = consumer.fetch_metadata(Some(topic), timeout)?;
-        let partitions = metadata
-            .topics()
-            .first()
-            .filter(|t| t.error().is_none())
-            .map(|t| t.partitions().len() as i32)
-            .unwrap_or(0);
-        if partitions == 0 {
-            return Err(StateError::MissingTopic(topic.to_owned()));
-        }
-        let mut ends = Vec::new();
-        let mut tpl = TopicPartitionList::new();
-        for p in 0..partitions {
-            let (_, high) = consumer.fetch_watermarks(topic, p, timeout)?;
-            ends.push(high);
-            tpl.add_partition_offset(topic, p, Offset::Beginning)?;
-        }
-        consumer.assign(&tpl)?;
         Ok(Self {
-            consumer,
-            topic: topic.to_owned(),
-            ends,
+            reader: TopicReader::open(&client, topic, timeout)?,
         })
     }
 
-    /// Reads up to the end captured at open, feeding each record to `apply`; returns
+    /// Reads up to the end captured now, then 500 ms more (some brokers report the end
+    /// early), feeding each record to `apply`; gives up after `timeout` in all. Returns
     /// how many records were read.
     pub fn catch_up(
         &mut self,
         timeout: Duration,
-        mut apply: impl FnMut(&BorrowedMessage<'_>),
+        apply: impl FnMut(&BorrowedMessage<'_>),
     ) -> Result<usize, StateError> {
-        let deadline = Instant::now() + timeout;
-        let mut next = vec![0i64; self.ends.len()];
-        let mut read = 0usize;
-        // Some brokers report the end of a partition early (tansu 0.6 reports the last
-        // record batch's base offset + 1), so keep reading until a quiet period too.
-        let mut quiet_since = Instant::now();
-        loop {
-            let reached = next.iter().zip(&self.ends).all(|(n, e)| n >= e);
-            if reached && quiet_since.elapsed() >= Duration::from_millis(500) {
-                return Ok(read);
-            }
-            if Instant::now() > deadline {
-                return Err(StateError::Timeout(timeout));
-            }
-            let Some(msg) = self.consumer.poll(Duration::from_millis(100)) else {
-                continue;
-            };
-            let msg = msg?;
-            quiet_since = Instant::now();
-            if let Some(n) = next.get_mut(msg.partition() as usize) {
-                *n = msg.offset() + 1;
-            }
-            read += 1;
-            apply(&msg);
-        }
+        let opts = ReadOptions {
+            settle: Duration::from_millis(500),
+            idle_timeout: timeout,
+            request_timeout: timeout,
+            limit: Some(timeout),
+        };
+        Ok(self.reader.catch_up(&opts, apply)?)
     }
 
     /// Feeds every later record to `apply` until `stop` is set. Blocking.
-    pub fn run(self, stop: &AtomicBool, mut apply: impl FnMut(&BorrowedMessage<'_>)) {
-        while !stop.load(Ordering::Relaxed) {
-            match self.consumer.poll(Duration::from_millis(200)) {
-                Some(Ok(msg)) => apply(&msg),
-                Some(Err(e)) => {
-                    tracing::warn!(topic = %self.topic, error = %e, "following state topic");
-                    std::thread::sleep(Duration::from_millis(500));
-                }
-                None => {}
-            }
-        }
+    pub fn run(mut self, stop: &AtomicBool, apply: impl FnMut(&BorrowedMessage<'_>)) {
+        self.reader.follow(stop, apply);
     }
 }
 

@@ -33,8 +33,8 @@ enum Command {
         /// Print JSON instead of text.
         #[arg(long)]
         json: bool,
-        /// After every partition reached its start-time end, keep reading until no
-        /// record arrived for this many milliseconds.
+        /// After every partition reached its start-time end, keep reading for this
+        /// many milliseconds (for records a broker reported short).
         #[arg(long, default_value_t = 1000)]
         settle_ms: u64,
         /// Give up when no record arrives for this many seconds.

@@ -1,23 +1,21 @@
 //! Kafka adapters for `fleet.quarantine.v1`: a reader that replays the topic from the
 //! beginning and can then follow it, and an idempotent, acks=all publisher.
 //!
-//! Reading assigns partitions directly (no consumer group, nothing committed), so any
-//! number of ingest nodes and CLIs read the whole topic without disturbing each other.
-//! Catching up reads to the high watermarks captured at start, then until no record
-//! arrived for a settle period: tansu 0.6 answers ListOffsets(latest) with the base
-//! offset of the last batch plus one, which can stop short of durable records.
+//! Reading is [`fleetgate_topic::TopicReader`] (partitions assigned directly, nothing
+//! committed, caught up to the captured ends plus a settle period for tansu's short
+//! ListOffsets); this module turns its records into [`TopicRecord`]s.
 
-use std::collections::HashMap;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use fleetgate_proto::QuarantineDecision;
 use prost::Message as _;
 use rdkafka::config::ClientConfig;
-use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::error::KafkaError;
 use rdkafka::message::{BorrowedMessage, Message};
 use rdkafka::producer::{FutureProducer, FutureRecord};
-use rdkafka::{Offset, TopicPartitionList};
+
+pub use fleetgate_topic::ReadOptions;
+use fleetgate_topic::TopicError;
 
 use crate::registry::{key, validate, InvalidDecision, Position, Registry};
 
@@ -29,33 +27,8 @@ pub const DEFAULT_TOPIC: &str = "fleet.quarantine.v1";
 pub enum KafkaIoError {
     #[error("kafka client: {0}")]
     Client(#[source] KafkaError),
-    #[error("metadata for {topic}: {source}")]
-    Metadata {
-        topic: String,
-        #[source]
-        source: KafkaError,
-    },
-    #[error("topic {0} does not exist or has no partitions")]
-    NoPartitions(String),
-    #[error("watermarks of {topic}/{partition}: {source}")]
-    Watermarks {
-        topic: String,
-        partition: i32,
-        #[source]
-        source: KafkaError,
-    },
-    #[error("reading {topic}: {source}")]
-    Read {
-        topic: String,
-        #[source]
-        source: KafkaError,
-    },
-    #[error("no progress on {topic} for {idle:?}; {remaining} partition(s) not at their end")]
-    Stalled {
-        topic: String,
-        idle: Duration,
-        remaining: usize,
-    },
+    #[error(transparent)]
+    Read(#[from] TopicError),
     #[error("refusing to publish: {0}")]
     Invalid(#[from] InvalidDecision),
     #[error("delivering to {topic}: {source}")]
@@ -71,27 +44,6 @@ pub fn client_config(bootstrap: &str) -> ClientConfig {
     let mut c = ClientConfig::new();
     c.set("bootstrap.servers", bootstrap);
     c
-}
-
-/// Timing of [`TopicReader::catch_up`].
-#[derive(Debug, Clone)]
-pub struct ReadOptions {
-    /// Quiet time after the captured ends before the topic counts as read.
-    pub settle: Duration,
-    /// Give up when no record arrives for this long before the captured ends.
-    pub idle_timeout: Duration,
-    /// Metadata and watermark requests.
-    pub request_timeout: Duration,
-}
-
-impl Default for ReadOptions {
-    fn default() -> Self {
-        Self {
-            settle: Duration::from_millis(500),
-            idle_timeout: Duration::from_secs(10),
-            request_timeout: Duration::from_secs(10),
-        }
-    }
 }
 
 /// Why a record is not a usable decision.
@@ -194,15 +146,11 @@ impl TopicRecord {
     }
 }
 
-/// Reads `fleet.quarantine.v1` from its beginning: [`catch_up`](Self::catch_up) to the
-/// end, then [`poll`](Self::poll) for decisions as they are published. Blocking: run
-/// it on a dedicated thread in async programs.
+/// Reads `fleet.quarantine.v1` from its beginning as [`TopicRecord`]s:
+/// [`catch_up`](Self::catch_up) to the end, then [`poll`](Self::poll) for decisions as
+/// they are published. Blocking: run it on a dedicated thread in async programs.
 pub struct TopicReader {
-    consumer: BaseConsumer,
-    topic: String,
-    partitions: Vec<i32>,
-    /// Next offset to read per partition, once a record of it was read.
-    next: HashMap<i32, i64>,
+    inner: fleetgate_topic::TopicReader,
 }
 
 impl TopicReader {
@@ -218,104 +166,30 @@ impl TopicReader {
             // Required by librdkafka even for assign(); nothing is ever committed.
             config.set("group.id", "fleetgate-quarantine-reader");
         }
-        config
-            .set("enable.auto.commit", "false")
-            .set("enable.partition.eof", "false");
-        let consumer: BaseConsumer = config.create().map_err(KafkaIoError::Client)?;
-        let metadata = consumer
-            .fetch_metadata(Some(topic), timeout)
-            .map_err(|source| KafkaIoError::Metadata {
-                topic: topic.to_owned(),
-                source,
-            })?;
-        let partitions: Vec<i32> = metadata
-            .topics()
-            .iter()
-            .filter(|t| t.name() == topic && t.error().is_none())
-            .flat_map(|t| t.partitions().iter().map(|p| p.id()))
-            .collect();
-        if partitions.is_empty() {
-            return Err(KafkaIoError::NoPartitions(topic.to_owned()));
-        }
-        let mut tpl = TopicPartitionList::new();
-        for &p in &partitions {
-            tpl.add_partition_offset(topic, p, Offset::Beginning)
-                .map_err(KafkaIoError::Client)?;
-        }
-        consumer.assign(&tpl).map_err(KafkaIoError::Client)?;
         Ok(Self {
-            consumer,
-            topic: topic.to_owned(),
-            partitions,
-            next: HashMap::new(),
+            inner: fleetgate_topic::TopicReader::open(&config, topic, timeout)?,
         })
     }
 
-    /// Reads until every partition reached the end it had when this call started and
-    /// no record arrived for `opts.settle`, handing each record to `each`. Returns how
-    /// many records were read.
+    /// Reads until every partition reached the end it had when this call started, then
+    /// for `opts.settle` more, handing each record to `each`. Returns how many records
+    /// were read.
     pub fn catch_up(
         &mut self,
         opts: &ReadOptions,
         mut each: impl FnMut(TopicRecord),
     ) -> Result<usize, KafkaIoError> {
-        let mut pending: HashMap<i32, i64> = HashMap::new();
-        for &p in &self.partitions {
-            let (low, high) = self
-                .consumer
-                .fetch_watermarks(&self.topic, p, opts.request_timeout)
-                .map_err(|source| KafkaIoError::Watermarks {
-                    topic: self.topic.clone(),
-                    partition: p,
-                    source,
-                })?;
-            if high > self.next.get(&p).copied().unwrap_or(low) {
-                pending.insert(p, high);
-            }
-        }
-        let mut read = 0;
-        let mut last_record = Instant::now();
-        loop {
-            let quiet = last_record.elapsed();
-            if pending.is_empty() && quiet >= opts.settle {
-                return Ok(read);
-            }
-            if !pending.is_empty() && quiet > opts.idle_timeout {
-                return Err(KafkaIoError::Stalled {
-                    topic: self.topic.clone(),
-                    idle: opts.idle_timeout,
-                    remaining: pending.len(),
-                });
-            }
-            let Some(record) = self.poll(Duration::from_millis(100))? else {
-                continue;
-            };
-            last_record = Instant::now();
-            read += 1;
-            let p = record.position;
-            if pending
-                .get(&p.partition)
-                .is_some_and(|&end| p.offset + 1 >= end)
-            {
-                pending.remove(&p.partition);
-            }
-            each(record);
-        }
+        Ok(self
+            .inner
+            .catch_up(opts, |msg| each(TopicRecord::from_message(msg)))?)
     }
 
     /// The next record, if one arrives within `timeout`.
     pub fn poll(&mut self, timeout: Duration) -> Result<Option<TopicRecord>, KafkaIoError> {
-        match self.consumer.poll(timeout) {
-            None => Ok(None),
-            Some(Err(source)) => Err(KafkaIoError::Read {
-                topic: self.topic.clone(),
-                source,
-            }),
-            Some(Ok(msg)) => {
-                self.next.insert(msg.partition(), msg.offset() + 1);
-                Ok(Some(TopicRecord::from_message(&msg)))
-            }
-        }
+        Ok(self
+            .inner
+            .poll(timeout)?
+            .map(|msg| TopicRecord::from_message(&msg)))
     }
 }
 
