@@ -12,14 +12,13 @@ mod common;
 mod sre_kit;
 
 use std::collections::BTreeSet;
-use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use common::*;
-use fleetgate_test_support::{free_port, http_get, Broker, TestPki};
+use fleetgate_test_support::{free_port, http_get, ready_field, Broker, StdoutLines, TestPki};
 use sre_kit::*;
 
 /// Every metric name the kit references, split into (ingest, processor).
@@ -287,26 +286,10 @@ impl ProcessorRun {
         std::fs::read_to_string(&self.stderr).unwrap_or_default()
     }
 
-    /// The metrics address from a `fleetgate-processor ready ... metrics=ADDR` line,
-    /// if the binary prints one.
-    fn ready_line_metrics(&mut self) -> std::sync::mpsc::Receiver<SocketAddr> {
-        let (tx, rx) = std::sync::mpsc::channel();
-        let stdout = self.child.stdout.take().expect("piped stdout");
-        std::thread::spawn(move || {
-            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
-                if !line.starts_with("fleetgate-processor ready") {
-                    continue;
-                }
-                if let Some(addr) = line
-                    .split_whitespace()
-                    .find_map(|w| w.strip_prefix("metrics="))
-                    .and_then(|a| a.parse().ok())
-                {
-                    let _ = tx.send(addr);
-                }
-            }
-        });
-        rx
+    /// The processor's stdout, to find its `fleetgate-processor ready ... metrics=ADDR`
+    /// line if it prints one.
+    fn stdout_lines(&mut self) -> StdoutLines {
+        StdoutLines::take(&mut self.child).expect("piped stdout")
     }
 }
 
@@ -331,7 +314,7 @@ async fn processor_serves_every_processor_metric_the_dashboard_and_alerts_query(
         .parse()
         .expect("loopback address");
     let mut processor = ProcessorRun::spawn(&stack.broker.bootstrap(), requested);
-    let announced = processor.ready_line_metrics();
+    let announced = processor.stdout_lines();
     let mut addr = requested;
     let mut absent: Vec<String> = processor_names.iter().cloned().collect();
     let deadline = Instant::now() + Duration::from_secs(60);
@@ -342,7 +325,10 @@ async fn processor_serves_every_processor_metric_the_dashboard_and_alerts_query(
                 processor.logs()
             );
         }
-        if let Ok(a) = announced.try_recv() {
+        if let Some(a) = announced
+            .wait_for("fleetgate-processor ready", Duration::ZERO)
+            .and_then(|line| ready_field(&line, "metrics=").ok())
+        {
             addr = a;
         }
         if let Ok(scrape) = http_get(addr, "/metrics") {

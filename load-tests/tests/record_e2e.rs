@@ -9,11 +9,9 @@
 //! Needs the ingest binary: run `cargo build -p fleetgate-ingest` first.
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
-use std::sync::mpsc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use fleetgate_client::{ClientError, ClientTls, Device, GrpcDevice, QuicDevice, Target};
@@ -23,7 +21,8 @@ use fleetgate_proto::{
     signal::Value, SessionContext, Signal, TelemetryBatch, TelemetryEnvelope, TelemetryEvent,
 };
 use fleetgate_test_support::{
-    decode, read_topic, workspace_bin, Broker, Ingest, TestPki, TRUST_DOMAIN,
+    decode, read_topic, ready_field, workspace_bin, Broker, Ingest, StdoutLines, TestPki,
+    TRUST_DOMAIN,
 };
 use prost::Message;
 use serde_json::Value as Json;
@@ -45,7 +44,7 @@ struct Recorder {
     child: Child,
     grpc: SocketAddr,
     quic: SocketAddr,
-    lines: mpsc::Receiver<String>,
+    lines: StdoutLines,
     stderr: PathBuf,
 }
 
@@ -65,35 +64,16 @@ impl Recorder {
             .stderr(std::fs::File::create(&stderr).expect("log file"))
             .spawn()
             .expect("spawning fleetgate-loadgen record");
-        let stdout = child.stdout.take().expect("piped stdout");
-        let (tx, lines) = mpsc::channel();
-        std::thread::spawn(move || {
-            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
-                let _ = tx.send(line);
-            }
-        });
-        let ready = match lines.recv_timeout(Duration::from_secs(20)) {
-            Ok(l) => l,
-            Err(_) => {
-                let _ = child.kill();
-                panic!(
-                    "recorder not ready: {}",
-                    std::fs::read_to_string(&stderr).unwrap_or_default()
-                );
-            }
+        let lines = StdoutLines::take(&mut child).expect("piped stdout");
+        let Some(ready) = lines.wait_for("fleetgate-loadgen record ready", Duration::from_secs(20))
+        else {
+            let _ = child.kill();
+            panic!(
+                "recorder not ready: {}",
+                std::fs::read_to_string(&stderr).unwrap_or_default()
+            );
         };
-        assert!(
-            ready.starts_with("fleetgate-loadgen record ready"),
-            "{ready}"
-        );
-        let field = |name: &str| -> SocketAddr {
-            ready
-                .split_whitespace()
-                .find_map(|w| w.strip_prefix(name))
-                .unwrap_or_else(|| panic!("{name} in {ready}"))
-                .parse()
-                .expect("address in ready line")
-        };
+        let field = |name: &str| ready_field(&ready, name).expect("address in ready line");
         Self {
             grpc: field("grpc="),
             quic: field("quic="),
@@ -130,8 +110,8 @@ impl Recorder {
         };
         assert!(status.success(), "recorder failed: {}", self.logs());
         self.lines
-            .recv_timeout(Duration::from_secs(5))
-            .unwrap_or_else(|_| panic!("no summary line: {}", self.logs()))
+            .wait_for("", Duration::from_secs(5))
+            .unwrap_or_else(|| panic!("no summary line: {}", self.logs()))
     }
 }
 

@@ -4,7 +4,6 @@
 //! the same group id does not reprocess committed input.
 
 use std::collections::HashMap;
-use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
@@ -15,7 +14,9 @@ use fleetgate_test_support::proto::{
     signal, Finding, Location, Provenance, QuarantineDecision, QuarantineState, RejectRecord,
     Signal, TelemetryEnvelope, TelemetryEvent,
 };
-use fleetgate_test_support::{decode, http_get, metric_value, read_topic_until, Broker};
+use fleetgate_test_support::{
+    decode, http_get, metric_value, read_topic_until, ready_field, Broker, StdoutLines,
+};
 use prost::Message as _;
 use rdkafka::config::ClientConfig;
 use rdkafka::message::{Message, OwnedMessage};
@@ -46,16 +47,9 @@ impl Processor {
             .stderr(std::fs::File::create(&log)?)
             .spawn()
             .context("spawning fleetgate-processor")?;
-        let stdout = child.stdout.take().context("stdout")?;
-        let (tx, rx) = std::sync::mpsc::channel();
-        std::thread::spawn(move || {
-            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
-                if let Some(addr) = line.strip_prefix("fleetgate-processor ready metrics=") {
-                    let _ = tx.send(addr.to_owned());
-                }
-            }
-        });
-        let Ok(addr) = rx.recv_timeout(Duration::from_secs(20)) else {
+        let lines = StdoutLines::take(&mut child)?;
+        let Some(line) = lines.wait_for("fleetgate-processor ready", Duration::from_secs(20))
+        else {
             let _ = child.kill();
             bail!(
                 "processor not ready: {}",
@@ -64,7 +58,7 @@ impl Processor {
         };
         Ok(Self {
             child,
-            metrics: addr.parse()?,
+            metrics: ready_field(&line, "metrics=")?,
             log,
         })
     }

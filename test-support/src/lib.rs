@@ -299,36 +299,18 @@ impl Ingest {
             .stderr(std::fs::File::create(&stderr_path)?)
             .spawn()
             .with_context(|| format!("spawning {}", bin.display()))?;
-        let stdout = child.stdout.take().context("ingest stdout")?;
-        let (tx, rx) = std::sync::mpsc::channel();
-        std::thread::spawn(move || {
-            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
-                if line.starts_with("fleetgate-ingest ready") {
-                    let _ = tx.send(line);
-                }
-            }
-        });
-        let line = match rx.recv_timeout(Duration::from_secs(30)) {
-            Ok(l) => l,
-            Err(_) => {
-                let _ = child.kill();
-                bail!(
-                    "ingest did not become ready: {}",
-                    std::fs::read_to_string(&stderr_path).unwrap_or_default()
-                );
-            }
-        };
-        let field = |name: &str| -> anyhow::Result<SocketAddr> {
-            line.split_whitespace()
-                .find_map(|w| w.strip_prefix(name))
-                .context("ready line field")?
-                .parse()
-                .context("ready line address")
+        let lines = StdoutLines::take(&mut child)?;
+        let Some(line) = lines.wait_for("fleetgate-ingest ready", Duration::from_secs(30)) else {
+            let _ = child.kill();
+            bail!(
+                "ingest did not become ready: {}",
+                std::fs::read_to_string(&stderr_path).unwrap_or_default()
+            );
         };
         Ok(Self {
-            grpc: field("grpc=")?,
-            metrics: field("metrics=")?,
-            quic: field("quic=")?,
+            grpc: ready_field(&line, "grpc=")?,
+            metrics: ready_field(&line, "metrics=")?,
+            quic: ready_field(&line, "quic=")?,
             config,
             child,
             stderr_path,
@@ -390,6 +372,48 @@ impl Drop for Ingest {
 }
 
 /// Sums a Prometheus series matching `name` and all `labels`.
+/// A child's stdout read line by line on a thread of its own, so a test can wait for a
+/// ready line (and later ones) with a timeout instead of blocking on the pipe.
+pub struct StdoutLines(std::sync::mpsc::Receiver<String>);
+
+impl StdoutLines {
+    /// Takes over `child`'s piped stdout.
+    pub fn take(child: &mut Child) -> anyhow::Result<Self> {
+        let stdout = child.stdout.take().context("stdout is not piped")?;
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+                if tx.send(line).is_err() {
+                    return;
+                }
+            }
+        });
+        Ok(Self(rx))
+    }
+
+    /// The next line starting with `prefix` (earlier lines are skipped), if one comes
+    /// within `timeout`; a zero timeout only looks at lines already read.
+    pub fn wait_for(&self, prefix: &str, timeout: Duration) -> Option<String> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            let line = self.0.recv_timeout(left).ok()?;
+            if line.starts_with(prefix) {
+                return Some(line);
+            }
+        }
+    }
+}
+
+/// The socket address after `name` (e.g. `grpc=`) in a binary's ready line.
+pub fn ready_field(line: &str, name: &str) -> anyhow::Result<SocketAddr> {
+    line.split_whitespace()
+        .find_map(|w| w.strip_prefix(name))
+        .with_context(|| format!("no {name} in {line:?}"))?
+        .parse()
+        .with_context(|| format!("{name} in {line:?} is not an address"))
+}
+
 pub fn metric_value(text: &str, name: &str, labels: &[(&str, &str)]) -> Option<f64> {
     let mut found = None;
     for line in text.lines().filter(|l| !l.starts_with('#')) {
