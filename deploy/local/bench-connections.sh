@@ -64,7 +64,7 @@ step "pki: $CONNS device certificates"
 "$bin/fleetgate-pki" init --dir "$pki" >"$work/pki.log"
 "$bin/fleetgate-pki" device --dir "$pki" --fleet conns --device car --count "$CONNS" >>"$work/pki.log"
 
-bench_ingest_toml "conns-ingest-0" "$pki" >"$work/ingest.toml"
+local_ingest_toml "conns-ingest-0" "$pki" >"$work/ingest.toml"
 cat >>"$work/ingest.toml" <<TOML
 # Every device connects from 127.0.0.1 at once: lift the per-address handshake limit.
 [quota.connections]

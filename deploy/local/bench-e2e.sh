@@ -46,7 +46,7 @@ for t in $TRANSPORTS; do
 done
 
 step "ingest"
-bench_ingest_toml "bench-ingest-0" "$pki" >"$work/ingest.toml"
+local_ingest_toml "bench-ingest-0" "$pki" >"$work/ingest.toml"
 # Saturation runs: the default fleet quota (50k events/s) must not be what is measured.
 bench_quotas_off >>"$work/ingest.toml"
 FLEETGATE_LOG=warn start_ingest "$bin/fleetgate-ingest" "$work/ingest.toml" "$work"

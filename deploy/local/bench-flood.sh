@@ -47,7 +47,7 @@ for flood in $FLOOD; do
     fi
     dir="$work/run-$run"
     mkdir -p "$dir"
-    bench_ingest_toml "flood-ingest-$run" "$pki" >"$dir/ingest.toml"
+    local_ingest_toml "flood-ingest-$run" "$pki" >"$dir/ingest.toml"
     cat >>"$dir/ingest.toml" <<TOML
 [quota.fleet]
 events_per_sec = $FLEET_EPS

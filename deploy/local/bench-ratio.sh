@@ -36,7 +36,7 @@ done
 
 pki="$work/pki"
 "$bin/fleetgate-pki" init --dir "$pki" >"$work/pki.log"
-bench_ingest_toml "ratio-ingest-0" "$pki" >"$work/ingest.toml"
+local_ingest_toml "ratio-ingest-0" "$pki" >"$work/ingest.toml"
 bench_quotas_off >>"$work/ingest.toml"
 FLEETGATE_LOG=warn start_ingest "$bin/fleetgate-ingest" "$work/ingest.toml" "$work"
 

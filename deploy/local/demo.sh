@@ -39,34 +39,14 @@ done
 echo "CA, server and $(find "$pki/devices" -name '*.pem' | wc -l) device certificates in $pki"
 
 step "ingest"
-grpc_port=$(free_port)
-metrics_port=$(free_port)
-cat >"$work/ingest.toml" <<TOML
-node_id = "demo-ingest-0"
-log_format = "text"
-
-[grpc]
-listen = "127.0.0.1:$grpc_port"
-
-[metrics]
-listen = "127.0.0.1:$metrics_port"
-
-[tls]
-server_cert = "$pki/server.pem"
-server_key = "$pki/server.key"
-client_ca = "$pki/ca.pem"
-trust_domain = "fleetgate.local"
-
-[kafka]
-bootstrap_servers = "$bootstrap"
-TOML
+local_ingest_toml "demo-ingest-0" "$pki" >"$work/ingest.toml"
 start_ingest "$bin/fleetgate-ingest" "$work/ingest.toml" "$work"
 echo "$ready"
 
 step "load"
 for fleet in acme-logistics city-taxi; do
     "$bin/fleetgate-loadgen" fleet \
-        --endpoint "https://localhost:$grpc_port" \
+        --endpoint "https://localhost:${grpc_addr##*:}" \
         --pki-dir "$pki" \
         --fleet "$fleet" \
         --devices "${fleets[$fleet]}" \
@@ -77,9 +57,9 @@ for fleet in acme-logistics city-taxi; do
 done
 
 step "ingest metrics"
-python3 - "$metrics_port" <<'PY'
+python3 - "$metrics_addr" <<'PY'
 import sys, urllib.request
-body = urllib.request.urlopen(f"http://127.0.0.1:{sys.argv[1]}/metrics", timeout=10).read().decode()
+body = urllib.request.urlopen(f"http://{sys.argv[1]}/metrics", timeout=10).read().decode()
 for line in body.splitlines():
     if line.startswith(("fleetgate_events_accepted_total", "fleetgate_events_rejected_total")):
         print(line)

@@ -1,4 +1,4 @@
-# Shared by demo.sh and bench-e2e.sh (sourced, not run): process cleanup, loopback
+# Shared by demo.sh and the bench scripts (sourced, not run): process cleanup, loopback
 # ports, and a tansu broker with the fleetgate topics.
 
 # Topics every fleetgate deployment needs.
@@ -88,8 +88,8 @@ start_ingest() {
 
 # Prints an ingest config on loopback ephemeral ports for a dev PKI made by
 # `fleetgate-pki init` and the broker at `$bootstrap`; callers append their own tables.
-# Usage: bench_ingest_toml NODE_ID PKI_DIR > FILE
-bench_ingest_toml() {
+# Usage: local_ingest_toml NODE_ID PKI_DIR > FILE
+local_ingest_toml() {
     local node=$1 pki=$2
     cat <<TOML
 node_id = "$node"

@@ -532,7 +532,10 @@ mod tests {
         };
         let socket = socket2::Socket::from(udp_socket(&cfg).unwrap());
         assert!(socket.recv_buffer_size().unwrap() / 2 >= asked);
-        assert!(socket.nonblocking().unwrap_or(true));
+        assert!(
+            socket.nonblocking().unwrap(),
+            "quinn needs a non-blocking socket"
+        );
         assert_ne!(socket.local_addr().unwrap().as_socket().unwrap().port(), 0);
     }
 

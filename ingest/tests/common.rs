@@ -150,6 +150,15 @@ pub fn all_accepted(ack: &BatchAck) -> bool {
         && ack.events.iter().all(|e| e.verdict() == Verdict::Accepted)
 }
 
+/// Every event acknowledged as an already-stored duplicate (accepted, never republished).
+pub fn all_duplicates(ack: &BatchAck) -> bool {
+    !ack.events.is_empty()
+        && ack
+            .events
+            .iter()
+            .all(|e| e.verdict() == Verdict::Accepted && e.reason == "duplicate")
+}
+
 /// QUIC counterparts of [`Stack::device`] and [`Stack::connect`].
 impl Stack {
     pub async fn quic_device(&self, fleet: &str, device: &str) -> fleetgate_client::QuicDevice {

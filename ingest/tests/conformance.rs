@@ -462,9 +462,7 @@ async fn a_replayed_batch_is_acked_but_never_published_twice(wire: Wire) {
     let ack = dev.send(&original).await.unwrap();
     assert_eq!(ack.events.len(), 5, "{ack:?}");
     assert!(
-        ack.events
-            .iter()
-            .all(|e| e.verdict() == Verdict::Accepted && e.reason == "duplicate"),
+        all_duplicates(&ack),
         "duplicates are acknowledged (idempotent retry): {ack:?}"
     );
 

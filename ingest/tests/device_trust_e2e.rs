@@ -7,7 +7,7 @@ mod common;
 use std::time::{Duration, Instant};
 
 use common::*;
-use fleetgate_proto::{RejectRecord, Verdict};
+use fleetgate_proto::RejectRecord;
 use fleetgate_test_support::{decode, http_get, read_topic_until, Broker, TestPki};
 
 fn rejects_with_reason(broker: &Broker, reason: &str, min: usize) -> Vec<RejectRecord> {
@@ -272,9 +272,7 @@ async fn a_replay_to_another_live_node_is_refused() {
             .unwrap();
     let ack = replayer.send(&captured).await.unwrap();
     assert!(
-        ack.events
-            .iter()
-            .all(|e| e.verdict() == Verdict::Accepted && e.reason == "duplicate"),
+        all_duplicates(&ack),
         "replay on node B refused as duplicate: {ack:?}"
     );
     let ack = replayer.send(&batch(2, vec![event(6, 1.0)])).await.unwrap();

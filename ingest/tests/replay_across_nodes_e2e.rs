@@ -43,9 +43,7 @@ async fn replays_are_refused_after_restart_and_on_another_node() {
         .unwrap();
         let ack = replayer.send(&captured).await.unwrap();
         assert!(
-            ack.events
-                .iter()
-                .all(|e| e.verdict() == Verdict::Accepted && e.reason == "duplicate"),
+            all_duplicates(&ack),
             "replay refused as duplicate (acked, not published): {ack:?}"
         );
         assert!(

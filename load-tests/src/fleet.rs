@@ -198,20 +198,7 @@ pub async fn run_fleet(
             counters.clone(),
         ));
     }
-    let mut outcomes = Vec::new();
-    let mut conns = Vec::new();
-    while let Some(joined) = tasks.join_next().await {
-        match joined {
-            Ok((outcome, conn)) => {
-                outcomes.push(outcome);
-                conns.extend(conn);
-            }
-            Err(e) => outcomes.push(DeviceOutcome {
-                error: Some(format!("device task failed: {e}")),
-                ..Default::default()
-            }),
-        }
-    }
+    let (outcomes, conns) = join_devices(tasks).await;
     let elapsed = started.elapsed();
     reporter.finish().await;
     futures::future::join_all(conns.into_iter().map(Conn::close)).await;
@@ -296,6 +283,28 @@ pub struct SendFailure {
 }
 
 /// Sends `events` until each has a final verdict or attempts run out.
+/// Waits for every device task: their outcomes (a task that panicked counts as a failed
+/// device) and the connections still open, to be closed once the run is timed.
+pub async fn join_devices(
+    mut tasks: JoinSet<(DeviceOutcome, Option<Conn>)>,
+) -> (Vec<DeviceOutcome>, Vec<Conn>) {
+    let mut outcomes = Vec::new();
+    let mut conns = Vec::new();
+    while let Some(joined) = tasks.join_next().await {
+        match joined {
+            Ok((outcome, conn)) => {
+                outcomes.push(outcome);
+                conns.extend(conn);
+            }
+            Err(e) => outcomes.push(DeviceOutcome {
+                error: Some(format!("device task failed: {e}")),
+                ..Default::default()
+            }),
+        }
+    }
+    (outcomes, conns)
+}
+
 pub async fn send_with_retries(
     conn: &mut Conn,
     max_attempts: u32,

@@ -86,14 +86,8 @@ struct GenerateArgs {
 struct ReplayArgs {
     #[arg(long)]
     recording: PathBuf,
-    #[arg(long, value_enum, default_value = "grpc")]
-    transport: Transport,
-    /// gRPC endpoint, e.g. https://localhost:7443 (for --transport grpc).
-    #[arg(long)]
-    endpoint: Option<String>,
-    /// QUIC address HOST:PORT (for --transport quic).
-    #[arg(long)]
-    quic_addr: Option<String>,
+    #[command(flatten)]
+    ingest: IngestArgs,
     /// Directory with ca.pem; device certificates are read from
     /// devices/<fleet>/<device>.{pem,key} or, when missing, issued with ca.key.
     #[arg(long)]
@@ -104,8 +98,6 @@ struct ReplayArgs {
     /// 1 = real time, N = N times faster, max = back to back.
     #[arg(long, default_value = "1")]
     speed: fleetgate_loadgen::replay_plan::Speed,
-    #[arg(long, default_value = "localhost")]
-    server_name: String,
     /// Attempts per event when the server answers RETRY (first send included).
     #[arg(long, default_value_t = 5)]
     max_attempts: u32,
@@ -148,6 +140,23 @@ impl ProgressArgs {
     }
 }
 
+/// Where ingest is, for the commands that drive devices against it.
+#[derive(clap::Args)]
+struct IngestArgs {
+    #[arg(long, value_enum, default_value = "grpc")]
+    transport: Transport,
+    /// gRPC endpoint, e.g. https://localhost:7443 (for --transport grpc).
+    #[arg(long)]
+    endpoint: Option<String>,
+    /// QUIC address HOST:PORT, e.g. 127.0.0.1:7444 (for --transport quic). A host name
+    /// is resolved once and its first address used; the TLS name is --server-name.
+    #[arg(long)]
+    quic_addr: Option<String>,
+    /// Name the ingest server certificate must carry.
+    #[arg(long, default_value = "localhost")]
+    server_name: String,
+}
+
 #[derive(Clone, Copy, ValueEnum)]
 enum Transport {
     /// gRPC `Publish` stream over HTTP/2 (needs --endpoint).
@@ -158,15 +167,8 @@ enum Transport {
 
 #[derive(clap::Args)]
 struct FleetArgs {
-    #[arg(long, value_enum, default_value = "grpc")]
-    transport: Transport,
-    /// gRPC endpoint, e.g. https://localhost:7443 (for --transport grpc).
-    #[arg(long)]
-    endpoint: Option<String>,
-    /// QUIC address HOST:PORT, e.g. 127.0.0.1:7444 (for --transport quic). A host name
-    /// is resolved once and its first address used; the TLS name is --server-name.
-    #[arg(long)]
-    quic_addr: Option<String>,
+    #[command(flatten)]
+    ingest: IngestArgs,
     /// Directory made by `fleetgate-pki init` (ca.pem) and `fleetgate-pki device`.
     #[arg(long)]
     pki_dir: PathBuf,
@@ -180,9 +182,6 @@ struct FleetArgs {
     batches: u64,
     #[arg(long, default_value_t = 50)]
     events_per_batch: u64,
-    /// Name the ingest server certificate must carry.
-    #[arg(long, default_value = "localhost")]
-    server_name: String,
     /// Attempts per event when the server answers RETRY (first send included).
     #[arg(long, default_value_t = 5)]
     max_attempts: u32,
@@ -318,7 +317,12 @@ async fn replay_main(args: ReplayArgs) -> anyhow::Result<()> {
     if plan.is_empty() {
         bail!("{} holds no batches", args.recording.display());
     }
-    let target = resolve_target(args.transport, args.endpoint, args.quic_addr).await?;
+    let target = resolve_target(
+        args.ingest.transport,
+        args.ingest.endpoint,
+        args.ingest.quic_addr,
+    )
+    .await?;
     let transport = target.transport();
     let ca_path = args.pki_dir.join("ca.pem");
     let server_ca_pem = std::fs::read_to_string(&ca_path)
@@ -347,7 +351,7 @@ async fn replay_main(args: ReplayArgs) -> anyhow::Result<()> {
     );
     let opts = replay::ReplayOptions {
         target,
-        server_name: args.server_name,
+        server_name: args.ingest.server_name,
         speed: args.speed,
         max_attempts: args.max_attempts,
         max_reconnects: args.max_reconnects,
@@ -395,7 +399,12 @@ async fn fleet_main(args: FleetArgs) -> anyhow::Result<()> {
     {
         bail!("--devices, --batches, --events-per-batch and --max-attempts must be at least 1");
     }
-    let target = resolve_target(args.transport, args.endpoint, args.quic_addr).await?;
+    let target = resolve_target(
+        args.ingest.transport,
+        args.ingest.endpoint,
+        args.ingest.quic_addr,
+    )
+    .await?;
     let ca_path = args.pki_dir.join("ca.pem");
     let server_ca_pem = std::fs::read_to_string(&ca_path)
         .with_context(|| format!("reading {}", ca_path.display()))?;
@@ -417,7 +426,7 @@ async fn fleet_main(args: FleetArgs) -> anyhow::Result<()> {
     }
     let plan = FleetPlan {
         target,
-        server_name: args.server_name,
+        server_name: args.ingest.server_name,
         batches: args.batches,
         events_per_batch: args.events_per_batch,
         max_attempts: args.max_attempts,

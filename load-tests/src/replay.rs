@@ -18,7 +18,9 @@ use fleetgate_proto::{SessionContext, Verdict};
 use tokio::sync::Barrier;
 use tokio::task::JoinSet;
 
-use crate::fleet::{error_chain, send_with_retries, unix_ms_now, Conn, DeviceCredentials, Target};
+use crate::fleet::{
+    error_chain, join_devices, send_with_retries, unix_ms_now, Conn, DeviceCredentials, Target,
+};
 use crate::progress::{ProgressMode, Reporter, RunCounters, RunShape, Tally, Timeline};
 
 /// How a replay runs.
@@ -119,20 +121,7 @@ pub async fn run_replay(
     barrier.wait().await;
     let started = Instant::now();
     let reporter = Reporter::start(opts.progress, shape, progress.clone(), started);
-    let mut outcomes = Vec::new();
-    let mut conns = Vec::new();
-    while let Some(joined) = tasks.join_next().await {
-        match joined {
-            Ok((outcome, conn)) => {
-                outcomes.push(outcome);
-                conns.extend(conn);
-            }
-            Err(e) => outcomes.push(DeviceOutcome {
-                error: Some(format!("device task failed: {e}")),
-                ..Default::default()
-            }),
-        }
-    }
+    let (outcomes, conns) = join_devices(tasks).await;
     let elapsed = started.elapsed();
     reporter.finish().await;
     let mut results = Vec::new();

@@ -362,15 +362,21 @@ impl Runner {
     }
 }
 
-fn consumer_config(cfg: &ProcessorConfig) -> ClientConfig {
-    let k = &cfg.kafka;
+/// Bootstrap servers and this instance's client id, common to its consumer and producer.
+fn client_config(cfg: &ProcessorConfig) -> ClientConfig {
     let mut c = ClientConfig::new();
-    c.set("bootstrap.servers", &k.bootstrap_servers)
+    c.set("bootstrap.servers", &cfg.kafka.bootstrap_servers)
         .set(
             "client.id",
             format!("fleetgate-processor-{}", cfg.processor_id),
-        )
-        .set("auto.offset.reset", &k.auto_offset_reset)
+        );
+    c
+}
+
+fn consumer_config(cfg: &ProcessorConfig) -> ClientConfig {
+    let k = &cfg.kafka;
+    let mut c = client_config(cfg);
+    c.set("auto.offset.reset", &k.auto_offset_reset)
         .set("enable.partition.eof", "false");
     if !k.stats_interval.is_zero() {
         c.set(
@@ -390,17 +396,11 @@ fn consumer_config(cfg: &ProcessorConfig) -> ClientConfig {
 
 fn producer_config(cfg: &ProcessorConfig) -> ClientConfig {
     let k = &cfg.kafka;
-    let mut c = ClientConfig::new();
-    c.set("bootstrap.servers", &k.bootstrap_servers)
-        .set(
-            "client.id",
-            format!("fleetgate-processor-{}", cfg.processor_id),
-        )
-        .set("linger.ms", "5")
-        .set(
-            "queue.buffering.max.messages",
-            (k.max_in_flight_outputs.saturating_mul(2) + 1000).to_string(),
-        );
+    let mut c = client_config(cfg);
+    c.set("linger.ms", "5").set(
+        "queue.buffering.max.messages",
+        (k.max_in_flight_outputs.saturating_mul(2) + 1000).to_string(),
+    );
     for (key, v) in &k.properties {
         c.set(key, v);
     }
